@@ -1,0 +1,110 @@
+"""Model state as a few contiguous buffers, so a round costs one collective per bucket, not one per tensor.
+
+A :class:`FlatLayout` groups a module's parameters and buffers by (device, dtype) and splits each group into
+buckets of at most ``bucket_cap_bytes``. ``pack`` copies a bucket's tensors into one flat tensor; ``unpack``
+copies a flat tensor back into them. Floating-point buckets are averaged/mixed by the strategies; integer
+buckets (e.g. BatchNorm's ``num_batches_tracked``) are only ever copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Bucket:
+    """Tensors of one device and dtype that travel together as one flat buffer."""
+
+    names: list[str] = field(default_factory=list)
+    tensors: list[Tensor] = field(default_factory=list)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
+
+    @property
+    def floating(self) -> bool:
+        return self.dtype.is_floating_point or self.dtype.is_complex
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.tensors[0].element_size()
+
+    def empty(self) -> Tensor:
+        return torch.empty(self.numel, dtype=self.dtype, device=self.device)
+
+    @torch.no_grad()
+    def pack(self) -> Tensor:
+        return torch.cat([t.detach().reshape(-1) for t in self.tensors])
+
+    @torch.no_grad()
+    def unpack(self, flat: Tensor) -> None:
+        for tensor, chunk in zip(self.tensors, self.split(flat)):
+            tensor.copy_(chunk)
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """Views of ``flat`` shaped like this bucket's tensors."""
+        chunks = flat.split([t.numel() for t in self.tensors])
+        return [chunk.view_as(t) for chunk, t in zip(chunks, self.tensors)]
+
+
+class FlatLayout:
+    """The buckets of a module's parameters and buffers, in a fixed order that every rank shares.
+
+    The layout holds references to the module's tensors, so it sees in-place updates (optimizer steps, BatchNorm
+    statistics). Build it after the module has reached its device and precision, and rebuild it if the module's
+    tensors are replaced.
+    """
+
+    def __init__(self, module: nn.Module, bucket_cap_bytes: int) -> None:
+        named: list[tuple[str, Tensor]] = list(module.named_parameters()) + list(module.named_buffers())
+        self.buckets: list[Bucket] = []
+        open_buckets: dict[tuple[torch.device, torch.dtype], Bucket] = {}
+        for name, tensor in named:
+            key = (tensor.device, tensor.dtype)
+            bucket = open_buckets.get(key)
+            if bucket is None or (bucket.nbytes + tensor.numel() * tensor.element_size() > bucket_cap_bytes):
+                bucket = Bucket()
+                open_buckets[key] = bucket
+                self.buckets.append(bucket)
+            bucket.names.append(name)
+            bucket.tensors.append(tensor)
+
+    @property
+    def floating_buckets(self) -> list[Bucket]:
+        return [b for b in self.buckets if b.floating]
+
+    def pack(self) -> list[Tensor]:
+        return [b.pack() for b in self.buckets]
+
+    def unpack(self, flats: Iterable[Tensor]) -> None:
+        for bucket, flat in zip(self.buckets, flats):
+            bucket.unpack(flat)
+
+    def named_tensors(self, flats: Iterable[Tensor]) -> dict[str, Tensor]:
+        """``{name: tensor}`` for packed ``flats`` (e.g. to build a state dict of another worker's weights)."""
+        out: dict[str, Tensor] = {}
+        for bucket, flat in zip(self.buckets, flats):
+            out.update(zip(bucket.names, bucket.split(flat)))
+        return out
+
+
+def state_dict_with(module: nn.Module, replacements: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``module.state_dict()`` with the entries in ``replacements`` swapped in (cloned to CPU-safe copies)."""
+    state = module.state_dict()
+    for key in state:
+        if key in replacements:
+            state[key] = replacements[key].detach().clone()
+    return state

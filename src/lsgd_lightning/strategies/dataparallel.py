@@ -1,0 +1,87 @@
+"""Data-parallel SGD, the baseline: Lightning's DDP with the package's communication accounting.
+
+Every step, after each worker's backward pass, the gradients are averaged over all P workers::
+
+    g <- (1/P) Σ_j g_j          x_i <- optimizer_step(x_i, g)   (identical on every worker)
+
+Communicated per step and worker: one all-reduce of all gradients, 4·d bytes for d float32 parameters. The
+reduction runs in DDP's gradient buckets, overlapped with the backward pass; a DDP communication hook counts each
+bucket's bytes and the time from its launch to its completion. Lightning registers DDP comm hooks only on CUDA;
+this strategy registers its own on every device, so the numbers exist on CPU (gloo) too.
+"""
+
+# No `from __future__ import annotations`: DDP checks the hook's annotations at runtime.
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy
+from torch.distributed import GradBucket
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from ._comm import CommMeter, payload_bytes
+from ._registration import log_rank_local, register_launcher_variants
+
+
+def _accounted_allreduce_hook(meter: CommMeter, bucket: GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Average a gradient bucket like DDP's built-in path (divide, then sum) and count it in ``meter``."""
+    buffer = bucket.buffer()
+    meter.bytes += payload_bytes(buffer)
+    start = time.perf_counter()
+    buffer.div_(dist.get_world_size())
+    future = dist.all_reduce(buffer, async_op=True).get_future()
+
+    def finished(fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+        meter.seconds += time.perf_counter() - start
+        return fut.value()[0]
+
+    return future.then(finished)
+
+
+class DataParallelStrategy(DDPStrategy):
+    """Lightning's DDP (gradient all-reduce every step) with ``comm/bytes``, ``comm/seconds`` and ``comm/rounds``.
+
+    Takes every ``DDPStrategy`` argument except a communication hook of its own (it installs the accounting hook).
+    Registered as ``"dataparallel"`` (subprocess launcher) and ``"dataparallel_spawn"`` (spawn launcher).
+    """
+
+    strategy_name = "dataparallel"
+
+    def __init__(self, **ddp_kwargs: Any) -> None:
+        hook_args = {"ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period"}
+        taken = sorted(hook_args & set(ddp_kwargs))
+        if taken:
+            raise TypeError(
+                f"DataParallelStrategy installs its own accounting communication hook, so it does not take "
+                f"{', '.join(taken)}; use Lightning's DDPStrategy for custom hooks."
+            )
+        super().__init__(**ddp_kwargs)
+        self.comm = CommMeter()
+        self.round_metrics: dict[str, float] = {}
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        register_launcher_variants(strategy_registry, cls, cls.strategy_name)
+
+    def _register_ddp_hooks(self) -> None:
+        assert isinstance(self.model, DistributedDataParallel)
+        self.comm = CommMeter()
+        self.model.register_comm_hook(state=self.comm, hook=_accounted_allreduce_hook)
+
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: "pl.LightningModule | torch.nn.Module | None" = None,
+        **kwargs: Any,
+    ) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self.comm.rounds += 1
+        self.round_metrics = self.comm.metrics()
+        log_rank_local(self.lightning_module, self.round_metrics)
+        return output
