@@ -100,11 +100,11 @@ class LSGDStrategy(PeriodicCommunicationStrategy):
             flats.append(collectives.broadcast(flat, src=leader))
         return flats
 
-    def _communication_round(self) -> dict[str, float]:
+    def _communication_round(self) -> dict[str, float] | None:
         leader, scores = self._elect()
         if leader is None:
             rank_zero_warn(f"LSGD round after step {self.steps} skipped: no worker has a finite training loss.")
-            return {}
+            return None
         leader_flats = self._broadcast_leader(leader)
         squared_distance = torch.zeros((), dtype=torch.float64, device=self.root_device)
         if self.global_rank != leader:

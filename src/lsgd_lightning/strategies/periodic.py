@@ -165,8 +165,11 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
     # Algorithm interface
     # ------------------------------------------------------------------------------------------------------------
     @abstractmethod
-    def _communication_round(self) -> dict[str, float]:
-        """Run one round on every rank (a collective: all ranks call it together); return metrics to log."""
+    def _communication_round(self) -> dict[str, float] | None:
+        """Run one round on every rank (a collective: all ranks call it together).
+
+        Returns the metrics to log, or ``None`` if the round was skipped (it then does not count as a round).
+        """
 
     @abstractmethod
     def _reference_weights(self) -> list[Tensor]:
@@ -342,6 +345,8 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
         if self.world_size == 1:
             return
         metrics = self._communication_round()
+        if metrics is None:
+            return
         self.comm.rounds += 1
         self.round_metrics = {**metrics, **self.comm.metrics()}
         log_rank_local(self.lightning_module, self.round_metrics)

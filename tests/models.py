@@ -1,0 +1,98 @@
+"""Tiny module-level models and data shared by the distributed scenarios and the reference simulation.
+
+The model is deliberately small but has what the strategies must handle: two layers, a floating-point buffer
+that the forward pass uses (mixed like a parameter) and an integer buffer (copied from the leader).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+IN, HIDDEN, OUT = 6, 8, 3
+N_TRAIN, N_VAL, BATCH = 96, 32, 4
+LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 1e-3
+
+
+def dataset(n: int, seed: int, world_size: int) -> tuple[Tensor, Tensor]:
+    """Regression data whose noise depends on index % world_size, so the shards differ in difficulty."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, IN, generator=gen)
+    w = torch.randn(IN, OUT, generator=gen)
+    noise_scale = torch.tensor([0.1 + 0.6 * ((i * 7) % world_size) / world_size for i in range(n)])
+    y = x @ w + noise_scale[:, None] * torch.randn(n, OUT, generator=gen)
+    return x, y
+
+
+def train_loader(world_size: int, shuffle: bool = False) -> DataLoader:
+    return DataLoader(TensorDataset(*dataset(N_TRAIN, 0, world_size)), batch_size=BATCH, shuffle=shuffle)
+
+
+def val_loader(world_size: int) -> DataLoader:
+    return DataLoader(TensorDataset(*dataset(N_VAL, 1, world_size)), batch_size=BATCH)
+
+
+class Net(nn.Module):
+    def __init__(self, with_buffers: bool = True) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
+        self.with_buffers = with_buffers
+        if with_buffers:
+            self.register_buffer("input_mean", torch.zeros(IN))
+            self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def loss(self, x: Tensor, y: Tensor, train: bool) -> Tensor:
+        if self.with_buffers:
+            if train:
+                with torch.no_grad():
+                    self.input_mean.mul_(0.9).add_(x.mean(0), alpha=0.1)
+                    self.seen += x.shape[0]
+            x = x - self.input_mean
+        return nn.functional.mse_loss(self.body(x), y)
+
+
+def make_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+
+class Regressor(pl.LightningModule):
+    """Automatic optimization; logs val_loss with sync_dist (so it is the mean over the whole validation set)."""
+
+    def __init__(self, with_buffers: bool = True) -> None:
+        super().__init__()
+        self.net = Net(with_buffers)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self.net.loss(*batch, train=True)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self.net.loss(*batch, train=False), sync_dist=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("test_loss", self.net.loss(*batch, train=False), sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return make_optimizer(self.parameters())
+
+
+class ManualRegressor(Regressor):
+    """The same math in manual optimization; ``report_nan_on`` ranks return NaN as their loss (training is fine)."""
+
+    def __init__(self, report_nan_on: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.report_nan_on = report_nan_on
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss = self.net.loss(*batch, train=True)
+        self.manual_backward(loss)
+        opt.step()
+        if self.global_rank in self.report_nan_on:
+            return torch.tensor(math.nan)
+        return loss.detach()

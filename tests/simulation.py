@@ -1,0 +1,137 @@
+"""Reference simulation: the update rules replayed in one process with plain PyTorch, independent of the package.
+
+All P workers live here as separate ``Net`` copies, each with its own SGD optimizer and its own data shard (the
+indices that Lightning's shuffled ``DistributedSampler`` gives it each epoch), starting from rank 0's initial
+weights. The rules are written out from the papers (see each function), not from the strategy code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from tests import models
+from tests.scenarios import SEED
+
+
+def initial_net(with_buffers: bool = True) -> models.Net:
+    """Rank 0's initial weights: every rank seeds with SEED, and ranks other than 0 then perturb theirs."""
+    torch.manual_seed(SEED)
+    return models.Regressor(with_buffers).net
+
+
+def shard_indices(rank: int, world_size: int, epoch: int) -> list[int]:
+    """DistributedSampler's shard: a permutation seeded with seed + epoch, then every world_size-th index.
+
+    Lightning always shuffles the training sampler of a distributed run and seeds it with the global seed.
+    """
+    generator = torch.Generator().manual_seed(SEED + epoch)
+    order = torch.randperm(models.N_TRAIN, generator=generator).tolist()
+    return order[rank::world_size]
+
+
+@dataclass
+class Worker:
+    net: models.Net
+    optimizer: torch.optim.Optimizer
+    rank: int
+    world_size: int
+    losses: list[float] = field(default_factory=list)
+    cursor: int = 0
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        per_epoch = models.N_TRAIN // self.world_size // models.BATCH
+        epoch, index = divmod(self.cursor, per_epoch)
+        shard = shard_indices(self.rank, self.world_size, epoch)[index * models.BATCH : (index + 1) * models.BATCH]
+        self.cursor += 1
+        x, y = models.dataset(models.N_TRAIN, 0, self.world_size)
+        return x[shard], y[shard]
+
+    def score(self, window: int) -> float:
+        """Mean of the last ``window`` reported losses; +inf if none or not finite."""
+        recent = self.losses[-window:]
+        if not recent:
+            return math.inf
+        value = float(torch.tensor(recent, dtype=torch.float32).mean())
+        return value if math.isfinite(value) else math.inf
+
+    def float_state(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self.net.state_dict().items() if v.is_floating_point()}
+
+
+def make_workers(world_size: int, with_buffers: bool = True) -> list[Worker]:
+    init = initial_net(with_buffers).state_dict()
+    workers = []
+    for rank in range(world_size):
+        net = models.Net(with_buffers)
+        net.load_state_dict(init)
+        workers.append(Worker(net, models.make_optimizer(net.parameters()), rank, world_size))
+    return workers
+
+
+def local_step(worker: Worker, nan_report: bool = False, micro_batches: int = 1) -> None:
+    """One optimizer step of plain SGD; with ``micro_batches`` > 1, gradients of loss / k are accumulated."""
+    worker.optimizer.zero_grad()
+    for _ in range(micro_batches):
+        loss = worker.net.loss(*worker.next_batch(), train=True)
+        (loss / micro_batches).backward()
+        worker.losses.append(math.nan if nan_report else float(loss.detach()))
+    worker.optimizer.step()
+
+
+def elect(workers: list[Worker], window: int) -> tuple[int | None, list[float]]:
+    scores = [w.score(window) for w in workers]
+    finite = [(s, r) for r, s in enumerate(scores) if math.isfinite(s)]
+    return (min(finite)[1] if finite else None), scores
+
+
+@torch.no_grad()
+def lsgd_round(workers: list[Worker], pull: float, window: int) -> dict[str, float] | None:
+    """Leader SGD: x <- x - pull * (x - x_leader) for every non-leader; integer buffers copied from the leader."""
+    leader, scores = elect(workers, window)
+    if leader is None:
+        return None
+    leader_state = {k: v.clone() for k, v in workers[leader].net.state_dict().items()}
+    distances = []
+    for rank, worker in enumerate(workers):
+        squared = 0.0
+        for key, value in worker.net.state_dict().items():
+            target = leader_state[key]
+            if rank == leader:
+                continue
+            if value.is_floating_point():
+                squared += float(((value.double() - target.double()) ** 2).sum())
+                value.copy_(value - pull * (value - target))
+            else:
+                value.copy_(target)
+        distances.append(math.sqrt(squared))
+    return {"leader": leader, "leader_score": scores[leader], "distances": distances}
+
+
+@torch.no_grad()
+def easgd_round(workers: list[Worker], center: dict[str, Tensor], alpha: float) -> None:
+    """EASGD: x_i <- x_i - alpha (x_i - c); c <- c + alpha * sum_i (x_i - c), all from pre-round values."""
+    states = [w.float_state() for w in workers]
+    for key, c in center.items():
+        old = [s[key].clone() for s in states]
+        for state, x in zip(states, old):
+            state[key].copy_(x - alpha * (x - c))
+        c.copy_(c + alpha * sum(x - c for x in old))
+
+
+@torch.no_grad()
+def val_loss(net_state: dict[str, Tensor], world_size: int, shard_of: int | None = None) -> float:
+    """MSE of a model on the validation set (or on one rank's validation shard)."""
+    x, y = models.dataset(models.N_VAL, 1, world_size)
+    if shard_of is not None:
+        x, y = x[shard_of::world_size], y[shard_of::world_size]
+    net = models.Net()
+    net.load_state_dict(net_state)
+    return float(net.loss(x, y, train=False))
+
+
+def states(workers: list[Worker]) -> list[dict[str, Tensor]]:
+    return [{k: v.clone() for k, v in w.net.state_dict().items()} for w in workers]

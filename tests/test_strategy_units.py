@@ -1,0 +1,189 @@
+"""Single-process tests: argument checking, the election rule, the flat layout, registration, Trainer checks."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.strategies import StrategyRegistry
+from torch import nn
+
+import lsgd_lightning
+from lsgd_lightning import DataParallelStrategy, EASGDStrategy, LSGDStrategy
+from lsgd_lightning.strategies import elect_leader
+from lsgd_lightning.strategies._flat import FlatLayout
+from tests import models
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: a ValueError naming the argument
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"tau": 0}, "tau"),
+        ({"tau": 2.5}, "tau"),
+        ({"tau": True}, "tau"),
+        ({"pull_strength": -0.1}, "pull_strength"),
+        ({"pull_strength": 1.5}, "pull_strength"),
+        ({"pull_strength": "0.1"}, "pull_strength"),
+        ({"leader_window": 0}, "leader_window"),
+        ({"eval_on": "center"}, "eval_on"),
+        ({"eval_on": "best"}, "eval_on"),
+        ({"final_sync": "yes"}, "final_sync"),
+        ({"bucket_cap_mb": 0}, "bucket_cap_mb"),
+        ({"start_method": "thread"}, "start_method"),
+    ],
+)
+def test_lsgd_rejects_bad_arguments(kwargs: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        LSGDStrategy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"tau": -1}, "tau"),
+        ({"beta": 0.0}, "beta"),
+        ({"beta": 1.5}, "beta"),
+        ({"moving_rate": 1.0}, "moving_rate"),
+        ({"moving_rate": 0.0}, "moving_rate"),
+        ({"moving_rate": math.nan}, "moving_rate"),
+        ({"eval_on": "leader"}, "eval_on"),
+    ],
+)
+def test_easgd_rejects_bad_arguments(kwargs: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        EASGDStrategy(**kwargs)
+
+
+def test_easgd_refuses_a_center_that_would_overshoot_the_mean() -> None:
+    strategy = EASGDStrategy(moving_rate=0.3)
+    strategy._check_world_size(3)  # 3 * 0.3 = 0.9 <= 1: fine
+    with pytest.raises(ValueError, match=r"world_size \* alpha"):
+        strategy._check_world_size(4)  # 4 * 0.3 = 1.2 > 1
+    assert EASGDStrategy(beta=0.9).alpha_for(8) == pytest.approx(0.9 / 8)
+
+
+def test_ddp_wrapper_arguments_are_refused_by_name() -> None:
+    with pytest.raises(TypeError, match="find_unused_parameters"):
+        LSGDStrategy(find_unused_parameters=True)
+    with pytest.raises(TypeError, match="ddp_comm_hook"):
+        DataParallelStrategy(ddp_comm_hook=lambda *a: None)
+
+
+def test_sync_batchnorm_is_refused_before_any_process_group() -> None:
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, strategy=LSGDStrategy(), sync_batchnorm=True, logger=False, max_steps=1
+    )
+    with pytest.raises(ValueError, match="sync_batchnorm"):
+        trainer.fit(models.Regressor(), models.train_loader(1))
+    assert not torch.distributed.is_initialized()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Election
+# ----------------------------------------------------------------------------------------------------------------
+def test_election_picks_lowest_score_and_lowest_rank_on_ties() -> None:
+    assert elect_leader(torch.tensor([3.0, 1.0, 2.0])) == 1
+    assert elect_leader(torch.tensor([2.0, 1.0, 1.0, 1.0])) == 1
+    assert elect_leader(torch.tensor([1.0, 1.0])) == 0
+
+
+def test_election_never_picks_a_non_finite_score() -> None:
+    assert elect_leader(torch.tensor([math.nan, 5.0, -math.inf, math.inf])) == 1
+    assert elect_leader(torch.tensor([math.nan, math.inf])) is None
+
+
+def test_local_score_is_the_window_mean_and_inf_when_not_finite() -> None:
+    strategy = LSGDStrategy(leader_window=3)
+    strategy.parallel_devices = [torch.device("cpu")]  # what the Trainer would set
+    strategy._losses = torch.zeros(3)
+    assert strategy.local_score() == math.inf  # nothing recorded yet
+    for value in (1.0, 2.0):
+        strategy._record_loss(torch.tensor(value))
+    assert strategy.local_score() == pytest.approx(1.5)  # min(window, seen) = 2 losses
+    for value in (3.0, 4.0, 5.0):
+        strategy._record_loss({"loss": torch.tensor(value)})
+    assert strategy.local_score() == pytest.approx(4.0)  # the last 3
+    strategy._record_loss(torch.tensor(math.nan))
+    assert strategy.local_score() == math.inf
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flat layout
+# ----------------------------------------------------------------------------------------------------------------
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 7)
+        self.b = nn.Linear(7, 3).to(torch.float64)
+        self.norm = nn.BatchNorm1d(3)
+
+
+def test_flat_layout_groups_by_dtype_respects_the_cap_and_round_trips() -> None:
+    module = Mixed()
+    layout = FlatLayout(module, bucket_cap_bytes=64)
+    assert all(len({t.dtype for t in b.tensors}) == 1 for b in layout.buckets)
+    assert all(b.nbytes <= 64 or len(b.tensors) == 1 for b in layout.buckets)
+    assert {b.dtype for b in layout.buckets} == {torch.float32, torch.float64, torch.int64}
+    assert sum(b.numel for b in layout.buckets) == sum(t.numel() for t in module.state_dict().values())
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    flats = layout.pack()
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            t.zero_()
+    layout.unpack(flats)
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert set(layout.named_tensors(flats)) == set(before)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registration and single-worker use
+# ----------------------------------------------------------------------------------------------------------------
+def test_import_registers_every_name_once() -> None:
+    for name, cls, start in [
+        ("lsgd", LSGDStrategy, "popen"),
+        ("lsgd_spawn", LSGDStrategy, "spawn"),
+        ("easgd", EASGDStrategy, "popen"),
+        ("easgd_spawn", EASGDStrategy, "spawn"),
+        ("dataparallel", DataParallelStrategy, "popen"),
+        ("dataparallel_spawn", DataParallelStrategy, "spawn"),
+    ]:
+        strategy = StrategyRegistry.get(name)
+        assert isinstance(strategy, cls) and strategy._start_method == start
+    import importlib
+
+    importlib.reload(lsgd_lightning.strategies)  # a second registration must not raise
+
+
+def test_trainer_accepts_the_strategy_names() -> None:
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="lsgd", logger=False)
+    assert isinstance(trainer.strategy, LSGDStrategy)
+    assert trainer.strategy.tau == 16 and trainer.strategy.pull_strength == 0.1
+
+
+def test_single_worker_trains_as_local_sgd_with_one_warning() -> None:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=LSGDStrategy(tau=2),
+        logger=False,
+        max_steps=4,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    model = models.Regressor()
+    before = model.net.body[0].weight.detach().clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, models.train_loader(1))
+    single = [w for w in caught if "single worker" in str(w.message)]
+    assert len(single) == 1
+    assert trainer.global_step == 4 and trainer.strategy.comm.rounds == 0
+    assert not torch.equal(before, model.net.body[0].weight)
