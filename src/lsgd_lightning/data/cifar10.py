@@ -119,9 +119,9 @@ class CIFAR10DataModule(ArrayDataModule):
 
     def _instructions(self) -> str:
         return (
-            f"download {CIFAR10_URL} (md5 {CIFAR10_MD5}) and extract it into {self.data_dir} so that "
-            f"{self.batches_dir} holds {', '.join(TRAIN_FILES + TEST_FILES)}; or point data.data_dir at a folder "
-            f"that already holds {BATCHES_DIR}/"
+            f"fetch {CIFAR10_URL} (md5 {CIFAR10_MD5}), on another machine if need be, and extract it into "
+            f"{self.data_dir} so that {self.batches_dir} holds {', '.join(TRAIN_FILES + TEST_FILES)}; "
+            f"or point data.data_dir at a folder that already holds {BATCHES_DIR}/"
         )
 
     def prepare_data(self) -> None:
@@ -157,7 +157,7 @@ class CIFAR10DataModule(ArrayDataModule):
             partial.unlink(missing_ok=True)
             raise DataError(
                 f"CIFAR-10 is not in {self.batches_dir} and downloading {self.url} failed ({err}). "
-                f"Without network access, {self._instructions()}."
+                f"To fix it, {self._instructions()}."
             ) from err
         partial.replace(self.archive_path)
 
