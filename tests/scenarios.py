@@ -27,6 +27,14 @@ TIMEOUT = timedelta(seconds=60)
 # The LSGD and EASGD settings the simulation replays (see tests/simulation.py).
 LSGD = {"tau": 3, "pull_strength": 0.3, "leader_window": 2}
 EASGD = {"tau": 3, "beta": 0.9}
+MULTI = {
+    "tau": 4,
+    "pull_strength": 0.3,
+    "leader_window": 2,
+    "group_size": 2,
+    "local_tau": 2,
+    "local_pull_strength": 0.2,
+}
 STEPS = 14  # crosses epoch boundaries (6 batches per epoch with 4 workers) and ends mid-epoch
 VAL_EVERY = 3
 
@@ -178,6 +186,8 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
         except RuntimeError as error:
             return {"error": str(error)}
         return {"error": None}
+    if name == "lsgd_multi":
+        return _fit(rank, world_size, LSGDStrategy(**MULTI, final_sync=False, timeout=TIMEOUT))
     if name == "easgd":
         return _fit(rank, world_size, _easgd())
     if name == "easgd_eval_center":

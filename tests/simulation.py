@@ -112,6 +112,36 @@ def lsgd_round(workers: list[Worker], pull: float, window: int) -> dict[str, flo
 
 
 @torch.no_grad()
+def multi_leader_round(
+    workers: list[Worker], groups: list[list[int]], local_pull: float, global_pull: float, window: int, both: bool
+) -> dict[str, object]:
+    """Multi-leader LSGD from the pre-round weights:
+    x <- x - local_pull (x - x_local_leader) [- global_pull (x - x_global_leader) when both rounds are due]."""
+    _, scores = elect(workers, window)
+    local = {}
+    for group in groups:
+        finite = [(scores[r], r) for r in group if math.isfinite(scores[r])]
+        for r in group:
+            local[r] = min(finite)[1] if finite else None
+    global_leader = elect(workers, window)[0] if both else None
+    before = [{k: v.clone() for k, v in w.net.state_dict().items()} for w in workers]
+    for rank, worker in enumerate(workers):
+        for key, value in worker.net.state_dict().items():
+            x = before[rank][key]
+            if value.is_floating_point():
+                new = x.clone()
+                if local[rank] is not None:
+                    new = new - local_pull * (x - before[local[rank]][key])
+                if global_leader is not None:
+                    new = new - global_pull * (x - before[global_leader][key])
+                value.copy_(new)
+            else:
+                source = global_leader if global_leader is not None else local[rank]
+                value.copy_(before[source][key])
+    return {"local": local, "global": global_leader}
+
+
+@torch.no_grad()
 def easgd_round(workers: list[Worker], center: dict[str, Tensor], alpha: float) -> None:
     """EASGD: x_i <- x_i - alpha (x_i - c); c <- c + alpha * sum_i (x_i - c), all from pre-round values."""
     states = [w.float_state() for w in workers]

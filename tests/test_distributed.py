@@ -18,7 +18,7 @@ import torch
 from tests import models
 from tests import simulation as sim
 from tests.multiproc import run_workers
-from tests.scenarios import EASGD, LSGD, STEPS, VAL_EVERY, run_scenarios
+from tests.scenarios import EASGD, LSGD, MULTI, STEPS, VAL_EVERY, run_scenarios
 
 WORLD = 4
 SCENARIOS = [
@@ -31,6 +31,7 @@ SCENARIOS = [
     "lsgd_accumulate",
     "lsgd_resume",
     "lsgd_missing_shard",
+    "lsgd_multi",
     "easgd",
     "easgd_eval_center",
     "easgd_final_sync",
@@ -200,6 +201,47 @@ def test_lsgd_counts_real_optimizer_steps_under_gradient_accumulation(job: Path)
         assert result["steps"] == 6 and result["comm"]["rounds"] == 3
         assert [int(r["lsgd/leader"]) for r in result["rounds"]] == [r["leader"] for r in rounds]
         assert_states_close(result["state"], workers[rank].net.state_dict(), f"rank {rank} (accumulation)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-leader LSGD: 4 workers as 2 groups of 2
+# ----------------------------------------------------------------------------------------------------------------
+def test_multi_leader_update_matches_simulation_including_coinciding_rounds(job: Path) -> None:
+    got = results(job, "lsgd_multi")
+    workers = sim.make_workers(WORLD)
+    groups = [[0, 1], [2, 3]]
+    rounds = []
+    for step in range(1, STEPS + 1):
+        for worker in workers:
+            sim.local_step(worker)
+        if step % MULTI["local_tau"] == 0:
+            both = step % MULTI["tau"] == 0
+            outcome = sim.multi_leader_round(
+                workers, groups, MULTI["local_pull_strength"], MULTI["pull_strength"], MULTI["leader_window"], both
+            )
+            rounds.append({"step": step, **outcome})
+    assert any(r["global"] is not None for r in rounds) and any(r["global"] is None for r in rounds)
+    model_bytes = sum(v.numel() * v.element_size() for v in sim.initial_net().state_dict().values())
+    for rank, result in enumerate(got):
+        assert_states_close(result["state"], workers[rank].net.state_dict(), f"rank {rank} final weights")
+        assert [r["step"] for r in result["rounds"]] == [r["step"] for r in rounds]
+        assert [int(r["lsgd/local_leader"]) for r in result["rounds"]] == [r["local"][rank] for r in rounds]
+        logged_global = [int(r["lsgd/leader"]) if "lsgd/leader" in r else None for r in result["rounds"]]
+        assert logged_global == [r["global"] for r in rounds]
+        # traffic: scores (inter) every round; the local leader inside the group (intra); on global rounds the
+        # leader's weights reach this rank's group once (inter, the rank in the leader's column), then fan out
+        # inside the group (intra), except in the leader's own group, which already has them.
+        expected_inter = expected_intra = 0
+        for r in rounds:
+            expected_inter += 4 * WORLD
+            expected_intra += model_bytes
+            if r["global"] is not None:
+                same_column = rank % 2 == r["global"] % 2
+                expected_inter += model_bytes if same_column else 0
+                expected_intra += 0 if rank // 2 == r["global"] // 2 else model_bytes
+        last = result["rounds"][-1]
+        assert (last["comm/bytes_inter"], last["comm/bytes_intra"]) == (expected_inter, expected_intra)
+        assert last["comm/bytes"] == expected_inter + expected_intra
 
 
 # ----------------------------------------------------------------------------------------------------------------

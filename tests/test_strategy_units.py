@@ -36,6 +36,13 @@ from tests import models
         ({"final_sync": "yes"}, "final_sync"),
         ({"bucket_cap_mb": 0}, "bucket_cap_mb"),
         ({"start_method": "thread"}, "start_method"),
+        ({"local_tau": 2}, "local_tau"),
+        ({"local_pull_strength": 0.5}, "local_pull_strength"),
+        ({"group_size": 0}, "group_size"),
+        ({"group_size": "rack"}, "group_size"),
+        ({"group_size": 2, "local_tau": 0}, "local_tau"),
+        ({"group_size": 2, "tau": 16, "local_tau": 5}, "local_tau"),
+        ({"group_size": 2, "local_pull_strength": 2.0}, "local_pull_strength"),
     ],
 )
 def test_lsgd_rejects_bad_arguments(kwargs: dict, named: str) -> None:
@@ -58,6 +65,15 @@ def test_lsgd_rejects_bad_arguments(kwargs: dict, named: str) -> None:
 def test_easgd_rejects_bad_arguments(kwargs: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named):
         EASGDStrategy(**kwargs)
+
+
+def test_multi_leader_defaults_and_group_size_must_divide_the_workers() -> None:
+    strategy = LSGDStrategy(tau=16, pull_strength=0.2, group_size=3)
+    assert strategy.local_tau == 4 and strategy.local_pull_strength == 0.2
+    assert LSGDStrategy(tau=6, group_size=2).local_tau == 1  # largest divisor of 6 not above 6 // 4
+    strategy._check_world_size(6)
+    with pytest.raises(ValueError, match="group_size"):
+        strategy._check_world_size(8)
 
 
 def test_easgd_refuses_a_center_that_would_overshoot_the_mean() -> None:
@@ -153,9 +169,12 @@ def test_import_registers_every_name_once() -> None:
         ("easgd_spawn", EASGDStrategy, "spawn"),
         ("dataparallel", DataParallelStrategy, "popen"),
         ("dataparallel_spawn", DataParallelStrategy, "spawn"),
+        ("lsgd_multi", LSGDStrategy, "popen"),
+        ("lsgd_multi_spawn", LSGDStrategy, "spawn"),
     ]:
         strategy = StrategyRegistry.get(name)
         assert isinstance(strategy, cls) and strategy._start_method == start
+        assert getattr(strategy, "group_size", None) == ("node" if "multi" in name else None)
     import importlib
 
     importlib.reload(lsgd_lightning.strategies)  # a second registration must not raise

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.strategies import _StrategyRegistry
 
 
-def register_launcher_variants(registry: _StrategyRegistry, strategy_cls: type, name: str) -> None:
-    """Register ``name`` (subprocess launcher) and ``name_spawn`` (spawn launcher), once.
+def register_launcher_variants(registry: _StrategyRegistry, strategy_cls: type, name: str, **init_params: Any) -> None:
+    """Register ``name`` (subprocess launcher) and ``name_spawn`` (spawn launcher), once, with ``init_params``.
 
     Lightning has no entry point for third-party strategy names; registering at import time is what works, also in
     the launcher's child processes (they import the package again). Guarded, so a second import is harmless.
@@ -21,6 +22,7 @@ def register_launcher_variants(registry: _StrategyRegistry, strategy_cls: type, 
                 strategy_cls,
                 description=f"{strategy_cls.__name__} with start_method='{start_method}'",
                 start_method=start_method,
+                **init_params,
             )
 
 

@@ -188,6 +188,13 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
     def _check_world_size(self, world_size: int) -> None:
         """Validate settings that depend on the number of workers (raise ``ValueError``)."""
 
+    def _round_due(self, step: int) -> bool:
+        """Whether a communication round follows optimizer step ``step`` (1-based)."""
+        return step % self.tau == 0
+
+    def _comm_metrics(self) -> dict[str, float]:
+        return self.comm.metrics()
+
     # ------------------------------------------------------------------------------------------------------------
     # Properties
     # ------------------------------------------------------------------------------------------------------------
@@ -319,7 +326,7 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         # Counted even when the precision plugin skipped the step (inf gradients), so ranks stay aligned.
         self._steps += 1
-        if self._steps % self.tau == 0:
+        if self._round_due(self._steps):
             assert self.lightning_module is not None
             if self.lightning_module.automatic_optimization:
                 self._run_round()
@@ -348,7 +355,7 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
         if metrics is None:
             return
         self.comm.rounds += 1
-        self.round_metrics = {**metrics, **self.comm.metrics()}
+        self.round_metrics = {**metrics, **self._comm_metrics()}
         log_rank_local(self.lightning_module, self.round_metrics)
 
     # ------------------------------------------------------------------------------------------------------------
