@@ -304,7 +304,8 @@ def run_in_child(cfg: DictConfig) -> dict[str, Any] | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     command = child_command(hydra_cfg)
     log.info("sweep job %s: %s", hydra_cfg.job.num, " ".join(hydra_cfg.overrides.task))
-    code = subprocess.run(command, check=False).returncode
+    # From the directory the sweep was started in: relative paths (data.data_dir, ...) mean the same in every run.
+    code = subprocess.run(command, cwd=hydra_cfg.runtime.cwd, check=False).returncode
     if code != 0:
         raise RuntimeError(
             f"sweep job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}) failed with exit code {code}; "
