@@ -42,9 +42,9 @@ from tests.app_helpers import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-#: The config groups and options the app must offer (issue 5; ``strategy=lsgd_multi`` comes with multi-leader LSGD).
+#: The config groups and options the app must offer (issue 5).
 GROUPS = {
-    "strategy": {"lsgd", "easgd", "dataparallel"},
+    "strategy": {"lsgd", "lsgd_multi", "easgd", "dataparallel"},
     "model": {"cnn7", "vgg16", "resnet20", "resnet50"},
     "data": {"mnist5k", "cifar10", "imagefolder"},
     "logger": {"csv", "wandb", "none"},
@@ -53,6 +53,7 @@ GROUPS = {
 }
 STRATEGY_CLASSES = {
     "lsgd": lsgd_lightning.LSGDStrategy,
+    "lsgd_multi": lsgd_lightning.LSGDStrategy,
     "easgd": lsgd_lightning.EASGDStrategy,
     "dataparallel": lsgd_lightning.DataParallelStrategy,
 }
@@ -148,6 +149,8 @@ def test_strategy_configs_instantiate_with_a_timedelta_timeout(option: str) -> N
     strategy = build_strategy(load(f"strategy={option}", "strategy.timeout_s=60", "strategy.start_method=spawn"))
     assert type(strategy) is STRATEGY_CLASSES[option]
     assert strategy._timeout == timedelta(seconds=60) and strategy._start_method == "spawn"
+    if option == "lsgd_multi":
+        assert (strategy.group_size, strategy.tau, strategy.local_tau) == ("node", 64, 16)
 
 
 @pytest.mark.parametrize("data", ["mnist5k", "cifar10"])
@@ -368,6 +371,7 @@ def test_console_script_from_a_non_editable_install(installed_app: Path, tmp_pat
         "dataparallel.yaml",
         "easgd.yaml",
         "lsgd.yaml",
+        "lsgd_multi.yaml",
     ]
     # The installed copy, not the checkout, is what Python finds (find_spec does not run the package).
     where = subprocess.run(
@@ -383,7 +387,8 @@ def test_console_script_from_a_non_editable_install(installed_app: Path, tmp_pat
     run = [sys.executable, str(script)]
     help_ = run_app(["--help"], command=run, cwd=tmp_path, cache_dir=cache_dir, env=env, timeout=120)
     assert help_.returncode == 0, describe(help_)
-    assert "strategy: dataparallel, easgd, lsgd" in help_.stdout and "lsgd-train -m strategy=" in help_.stdout
+    assert "strategy: dataparallel, easgd, lsgd, lsgd_multi" in help_.stdout
+    assert "lsgd-train -m strategy=" in help_.stdout
     job = run_app(
         ["--cfg", "job", "strategy=easgd"], command=run, cwd=tmp_path, cache_dir=cache_dir, env=env, timeout=120
     )
