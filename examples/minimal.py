@@ -68,9 +68,10 @@ def main() -> None:
     metrics = trainer.callback_metrics
     if trainer.is_global_zero:
         rounds = int(metrics.get("comm/rounds", torch.tensor(0)))
+        per_step = float(metrics.get("comm/bytes", torch.tensor(0))) / trainer.global_step
         print(
             f"strategy={args.strategy} workers={trainer.world_size} val_acc={float(metrics['val_acc']):.3f} "
-            f"rounds={rounds} bytes_per_step={float(metrics.get('comm/bytes', torch.tensor(0))) / trainer.global_step:.0f}"
+            f"rounds={rounds} bytes_per_step={per_step:.0f}"
         )
 
 
