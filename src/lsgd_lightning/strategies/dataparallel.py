@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from ._comm import CommMeter, payload_bytes
+from ._failures import FailureBoard, handle_worker_exception, new_board
 from ._registration import log_rank_local, register_launcher_variants
 
 
@@ -63,10 +64,19 @@ class DataParallelStrategy(DDPStrategy):
         super().__init__(**ddp_kwargs)
         self.comm = CommMeter()
         self.round_metrics: dict[str, float] = {}
+        self._failure_board: FailureBoard | None = None
 
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         register_launcher_variants(strategy_registry, cls, cls.strategy_name)
+
+    def setup(self, trainer: "pl.Trainer") -> None:
+        super().setup(trainer)
+        self._failure_board = new_board(self.global_rank, self.world_size, self._timeout)
+
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        handle_worker_exception(self._failure_board, exception)
 
     def _register_ddp_hooks(self) -> None:
         assert isinstance(self.model, DistributedDataParallel)

@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._comm import Collectives, CommMeter, all_gather_single
+from ._failures import FailureBoard, handle_worker_exception, new_board
 from ._flat import FlatLayout, state_dict_with
 from ._registration import log_rank_local, register_launcher_variants
 
@@ -160,6 +161,7 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
         self._stashed_own: list[Tensor] | None = None  # own weights while the reference model is swapped in
         self._resumed_state: dict[str, Any] | None = None  # strategy state read from this rank's shard
         self._warned_no_loss = False
+        self._failure_board: FailureBoard | None = None
 
     # ------------------------------------------------------------------------------------------------------------
     # Algorithm interface
@@ -265,6 +267,7 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
             self.setup_precision_plugin()
         assert self.lightning_module is not None
         self._layout = FlatLayout(self.lightning_module, self.bucket_cap_bytes)
+        self._failure_board = new_board(self.global_rank, self.world_size, self._timeout)
         if not fitting:
             return
         self._losses = torch.zeros(self.loss_window, device=self.root_device)
@@ -297,6 +300,10 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
     def on_train_end(self) -> None:
         if self.final_sync and self.world_size > 1:
             self.layout.unpack(self._reference_weights())
+
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        handle_worker_exception(self._failure_board, exception)
 
     def teardown(self) -> None:
         self._restore_own_weights()

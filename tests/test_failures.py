@@ -1,0 +1,101 @@
+"""Fault tests with real processes: a worker raises or is SIGKILLed mid-run.
+
+Every job runs as a script in its own subprocess (the subprocess launcher re-runs the command line), with a
+deadline; afterwards no process of the job may remain.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+from tests.conftest import clean_launch_env
+from tests.failing_job import externally_launched
+from tests.multiproc import _entry, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "failing_job.py"
+
+
+def job_processes(marker: str) -> list[int]:
+    """PIDs whose command line contains ``marker`` (this machine's /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def run_failing_job(strategy: str, mode: str, tmp_path: Path) -> tuple[int, str, float]:
+    marker = str(tmp_path / f"{strategy}-{mode}")  # an argument no other process has
+    env = clean_launch_env()
+    env["PYTHONPATH"] = str(ROOT)
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), strategy, mode, marker],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - start
+    deadline = time.monotonic() + 10
+    while job_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert job_processes(marker) == [], "processes of the job were left behind"
+    return result.returncode, result.stdout + result.stderr, elapsed
+
+
+@pytest.mark.parametrize("strategy", ["lsgd", "lsgd_multi", "easgd", "dataparallel"])
+def test_a_raising_worker_stops_the_job_and_is_named(strategy: str, tmp_path: Path) -> None:
+    code, output, elapsed = run_failing_job(strategy, "raise", tmp_path)
+    assert code != 0
+    assert elapsed < 60, "the job should stop well within the 20 s collective timeout plus start-up"
+    assert "injected failure in training_step" in output
+    # the surviving rank's error says which rank failed and why (through the failure board), or Lightning's
+    # child-process observer named it while ending the job
+    assert re.search(r"rank 1 failed with RuntimeError: injected failure|\[rank: 1\] Child process", output), output[
+        -4000:
+    ]
+
+
+def test_a_killed_worker_stops_the_job_and_is_named(tmp_path: Path) -> None:
+    code, output, elapsed = run_failing_job("lsgd", "kill", tmp_path)
+    assert code != 0
+    assert elapsed < 60
+    assert re.search(r"rank\(s\) \[1\] did not answer|\[rank: 1\] Child process .* terminated with code -9", output), (
+        output[-4000:]
+    )
+
+
+def test_failure_board_names_a_killed_rank_under_an_external_launcher(tmp_path: Path) -> None:
+    """Without Lightning's observer (torchrun, SLURM), the survivor's error itself names the silent rank."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [
+        ctx.Process(target=_entry, args=(externally_launched, rank, 2, port, str(tmp_path), (str(tmp_path),)))
+        for rank in range(2)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=90)
+    alive = [p for p in procs if p.is_alive()]
+    for proc in alive:
+        proc.kill()
+    assert not alive, "a worker hung after its peer was killed"
+    assert procs[1].exitcode == -9
+    message = (tmp_path / "rank0.txt").read_text()
+    assert "rank(s) [1] did not answer" in message, message
