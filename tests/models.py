@@ -96,3 +96,17 @@ class ManualRegressor(Regressor):
         if self.global_rank in self.report_nan_on:
             return torch.tensor(math.nan)
         return loss.detach()
+
+
+class DivergingRegressor(Regressor):
+    """Rank ``rank``'s weights become NaN just before the forward pass of step ``step`` (0-based global step)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        super().__init__()
+        self.diverge_rank, self.diverge_step = rank, step
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        if self.global_rank == self.diverge_rank and self.global_step == self.diverge_step:
+            with torch.no_grad():
+                self.net.body[0].weight.fill_(math.nan)
+        return super().training_step(batch, batch_idx)

@@ -151,6 +151,15 @@ def _resume_pair(rank: int, world_size: int, out: Path, make_strategy: Any) -> d
     return {"uninterrupted": uninterrupted, "resumed": resumed}
 
 
+def _expect_error(run: Any) -> dict[str, Any]:
+    """Run a scenario that must fail alike on every rank; return the error message."""
+    try:
+        run()
+    except RuntimeError as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
 def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]:
     """One named training run (the tests read the results by the same name)."""
     if name == "lsgd":
@@ -165,9 +174,36 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
     if name == "lsgd_manual_nan_rank1":
         return _fit(rank, world_size, _lsgd(), make_model=lambda: models.ManualRegressor(report_nan_on=(1,)))
     if name == "lsgd_manual_all_nan":
-        return _fit(
-            rank, world_size, _lsgd(), make_model=lambda: models.ManualRegressor(report_nan_on=tuple(range(world_size)))
+        return _expect_error(
+            lambda: _fit(rank, world_size, _lsgd(), make_model=lambda: models.ManualRegressor(tuple(range(world_size))))
         )
+    if name == "lsgd_diverge":
+        return _fit(rank, world_size, _lsgd(), make_model=lambda: models.DivergingRegressor(rank=1, step=4))
+    if name == "lsgd_multi_diverge":
+        strategy = LSGDStrategy(**MULTI, final_sync=False, timeout=TIMEOUT)
+        return _fit(rank, world_size, strategy, make_model=lambda: models.DivergingRegressor(rank=2, step=4))
+    if name == "easgd_diverge":
+        return _fit(rank, world_size, _easgd(), make_model=lambda: models.DivergingRegressor(rank=1, step=4))
+    if name == "dataparallel_diverge":
+        strategy = DataParallelStrategy(timeout=TIMEOUT)
+        return _expect_error(
+            lambda: _fit(rank, world_size, strategy, make_model=lambda: models.DivergingRegressor(rank=1, step=4))
+        )
+    if name == "lsgd_repeat":  # determinism: the same seed and config as "lsgd"
+        return _fit(rank, world_size, _lsgd())
+    if name == "lsgd_resume_other_world":
+        # rank 0 relabels a 4-worker checkpoint as written by 8 workers: everyone must start from its leader
+        source, target = out.parent / "lsgd_resume" / "ckpt_a" / "epoch=0.ckpt", out / "relabelled.ckpt"
+        if rank == 0:
+            checkpoint = torch.load(source, weights_only=True)
+            checkpoint["lsgd_lightning"]["world_size"] = 8
+            torch.save(checkpoint, target)
+        torch.distributed.barrier()
+        return _fit(rank, world_size, _lsgd(tau=4), ckpt_path=str(target), max_steps=-1, max_epochs=2)
+    if name == "lsgd_multi_resume":
+        return _resume_pair(rank, world_size, out, lambda: LSGDStrategy(**MULTI, final_sync=False, timeout=TIMEOUT))
+    if name == "dataparallel_resume":
+        return _resume_pair(rank, world_size, out, lambda: DataParallelStrategy(timeout=TIMEOUT))
     if name == "lsgd_accumulate":
         return _fit(rank, world_size, _lsgd(tau=2), accumulate_grad_batches=2, max_steps=6)
     if name == "lsgd_resume":

@@ -58,6 +58,18 @@ class Worker:
         value = float(torch.tensor(recent, dtype=torch.float32).mean())
         return value if math.isfinite(value) else math.inf
 
+    def diverged(self, window: int) -> bool:
+        """A recent reported loss or a floating-point weight is non-finite."""
+        recent = self.losses[-window:]
+        weights = [v for v in self.net.state_dict().values() if v.is_floating_point()]
+        return any(not math.isfinite(x) for x in recent) or any(not bool(torch.isfinite(v).all()) for v in weights)
+
+    def reset_to(self, state: dict[str, Tensor]) -> None:
+        """Recovery of a diverged worker: the given weights, fresh optimizer state, no recorded losses."""
+        self.net.load_state_dict(state)
+        self.optimizer.state.clear()
+        self.losses.clear()
+
     def float_state(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.net.state_dict().items() if v.is_floating_point()}
 
@@ -72,8 +84,13 @@ def make_workers(world_size: int, with_buffers: bool = True) -> list[Worker]:
     return workers
 
 
-def local_step(worker: Worker, nan_report: bool = False, micro_batches: int = 1) -> None:
-    """One optimizer step of plain SGD; with ``micro_batches`` > 1, gradients of loss / k are accumulated."""
+def local_step(worker: Worker, nan_report: bool = False, micro_batches: int = 1, poison: bool = False) -> None:
+    """One optimizer step of plain SGD; with ``micro_batches`` > 1, gradients of loss / k are accumulated.
+
+    ``poison`` sets the first layer's weights to NaN first (like ``models.DivergingRegressor``)."""
+    if poison:
+        with torch.no_grad():
+            worker.net.body[0].weight.fill_(math.nan)
     worker.optimizer.zero_grad()
     for _ in range(micro_batches):
         loss = worker.net.loss(*worker.next_batch(), train=True)
@@ -83,7 +100,8 @@ def local_step(worker: Worker, nan_report: bool = False, micro_batches: int = 1)
 
 
 def elect(workers: list[Worker], window: int) -> tuple[int | None, list[float]]:
-    scores = [w.score(window) for w in workers]
+    """Lowest finite score, ties to the lowest rank; a diverged worker's score is NaN (never elected)."""
+    scores = [math.nan if w.diverged(window) else w.score(window) for w in workers]
     finite = [(s, r) for r, s in enumerate(scores) if math.isfinite(s)]
     return (min(finite)[1] if finite else None), scores
 
@@ -97,6 +115,10 @@ def lsgd_round(workers: list[Worker], pull: float, window: int) -> dict[str, flo
     leader_state = {k: v.clone() for k, v in workers[leader].net.state_dict().items()}
     distances = []
     for rank, worker in enumerate(workers):
+        if math.isnan(scores[rank]):  # diverged: reset to the leader
+            worker.reset_to(leader_state)
+            distances.append(math.nan)
+            continue
         squared = 0.0
         for key, value in worker.net.state_dict().items():
             target = leader_state[key]
@@ -118,6 +140,7 @@ def multi_leader_round(
     """Multi-leader LSGD from the pre-round weights:
     x <- x - local_pull (x - x_local_leader) [- global_pull (x - x_global_leader) when both rounds are due]."""
     _, scores = elect(workers, window)
+    diverged = [math.isnan(s) for s in scores]
     local = {}
     for group in groups:
         finite = [(scores[r], r) for r in group if math.isfinite(scores[r])]
@@ -126,6 +149,11 @@ def multi_leader_round(
     global_leader = elect(workers, window)[0] if both else None
     before = [{k: v.clone() for k, v in w.net.state_dict().items()} for w in workers]
     for rank, worker in enumerate(workers):
+        if diverged[rank]:
+            source = global_leader if global_leader is not None else local[rank]
+            if source is not None:
+                worker.reset_to(before[source])
+            continue
         for key, value in worker.net.state_dict().items():
             x = before[rank][key]
             if value.is_floating_point():
@@ -142,14 +170,22 @@ def multi_leader_round(
 
 
 @torch.no_grad()
-def easgd_round(workers: list[Worker], center: dict[str, Tensor], alpha: float) -> None:
-    """EASGD: x_i <- x_i - alpha (x_i - c); c <- c + alpha * sum_i (x_i - c), all from pre-round values."""
+def easgd_round(workers: list[Worker], center: dict[str, Tensor], alpha: float, window: int = 10) -> None:
+    """EASGD: x_i <- x_i - alpha (x_i - c); c <- c + alpha * sum_i (x_i - c), all from pre-round values.
+
+    Diverged workers (non-finite loss or weights) are left out of the sum and then reset to the new center.
+    """
+    diverged = [w.diverged(window) for w in workers]
     states = [w.float_state() for w in workers]
     for key, c in center.items():
         old = [s[key].clone() for s in states]
-        for state, x in zip(states, old):
-            state[key].copy_(x - alpha * (x - c))
-        c.copy_(c + alpha * sum(x - c for x in old))
+        for state, x, bad in zip(states, old, diverged):
+            if not bad:
+                state[key].copy_(x - alpha * (x - c))
+        c.copy_(c + alpha * sum(x - c for x, bad in zip(old, diverged) if not bad))
+    for worker, bad in zip(workers, diverged):
+        if bad:
+            worker.reset_to({**worker.net.state_dict(), **{k: v.clone() for k, v in center.items()}})
 
 
 @torch.no_grad()

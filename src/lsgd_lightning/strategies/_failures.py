@@ -87,9 +87,7 @@ class FailureBoard:
             return "The job's rendezvous store stopped answering, so its host (the rank 0 process) probably failed."
         parts = [f"rank {rank} failed with {message}" for rank, message in sorted(failed.items())]
         if silent:
-            parts.append(
-                f"rank(s) {silent} did not answer within {self.wait_s:g} s (killed, hung, or out of memory)"
-            )
+            parts.append(f"rank(s) {silent} did not answer within {self.wait_s:g} s (killed, hung, or out of memory)")
         if not parts:
             return "Every other rank is alive; the communication error did not come from a failed worker."
         return "; ".join(parts) + "."

@@ -98,17 +98,41 @@ class EASGDStrategy(PeriodicCommunicationStrategy):
         self._center = [c.to(device=b.device, dtype=b.dtype) for c, b in zip(saved, buckets)]
 
     def _communication_round(self) -> dict[str, float]:
-        world_size, alpha = self.world_size, self.alpha
-        collectives = self.collectives
+        alpha, buckets = self.alpha, self.layout.floating_buckets
+        diverged = self.is_diverged()
+        owns = [bucket.pack() for bucket in buckets]
+        # A diverged worker sends NaN, so the sums reveal a divergence without any extra bytes in a healthy round.
+        sums = [self._sum_over_workers(own, poisoned=diverged) for own in owns]
+        healthy = self.world_size
+        if not all(bool(torch.isfinite(total).all()) for total in sums):
+            # Rare path: learn who diverged and average over the healthy workers only.
+            flags = self.collectives.all_gather(torch.tensor([float(diverged)], device=self.root_device))
+            healthy = self.world_size - int(flags.sum())
+            if healthy == 0:
+                self._raise_all_diverged()
+            sums = [self._sum_over_workers(own, poisoned=False, excluded=diverged) for own in owns]
         squared_distance = torch.zeros((), dtype=torch.float64, device=self.root_device)
-        for bucket, center in zip(self.layout.floating_buckets, self._center):
-            own = bucket.pack()
-            workers_mean = collectives.all_reduce_sum(own.clone()).div_(world_size)
+        for bucket, own, total, center in zip(buckets, owns, sums, self._center):
             toward_center = center - own  # from the values before this round
-            squared_distance += toward_center.double().square().sum()
-            center.add_(workers_mean - center, alpha=world_size * alpha)
-            bucket.unpack(own.add_(toward_center, alpha=alpha))
+            if not diverged:
+                squared_distance += toward_center.double().square().sum()
+            # c <- c + alpha * sum over healthy workers of (x_j - c) = c + n * alpha * (mean - c)
+            center.add_(total.div_(healthy) - center, alpha=healthy * alpha)
+            if not diverged:
+                bucket.unpack(own.add_(toward_center, alpha=alpha))
+        if diverged:
+            self._reset_to(self._reference_weights(), "center")
+            return {}
         return {"easgd/dist_to_center": math.sqrt(float(squared_distance))}
+
+    def _sum_over_workers(self, own: Tensor, poisoned: bool, excluded: bool = False) -> Tensor:
+        if poisoned:
+            contribution = torch.full_like(own, math.nan)
+        elif excluded:
+            contribution = torch.zeros_like(own)
+        else:
+            contribution = own.clone()
+        return self.collectives.all_reduce_sum(contribution)
 
     def _reference_weights(self) -> list[Tensor]:
         # Floating buckets: the center (identical everywhere, nothing to send); integer buckets: the rank's own.

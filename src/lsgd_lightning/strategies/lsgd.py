@@ -195,8 +195,12 @@ class LSGDStrategy(PeriodicCommunicationStrategy):
         return self.comm.metrics(by_scope=self.multi_leader)
 
     def _gather_scores(self) -> Tensor:
+        """Every worker's round score (NaN: diverged); raises on every rank alike if all workers diverged."""
         scope = "inter" if self.multi_leader else None
-        return self.collectives.all_gather(self.local_score().float().reshape(1), scope=scope)
+        scores = self.collectives.all_gather(self.round_score().float().reshape(1), scope=scope)
+        if bool(torch.isnan(scores).all()):
+            self._raise_all_diverged()
+        return scores
 
     def _broadcast_flats(self, src: int, group: Any = None, scope: str | None = None) -> list[Tensor]:
         """``src``'s packed weights on every rank of ``group`` (``src`` sends its own)."""
@@ -215,12 +219,13 @@ class LSGDStrategy(PeriodicCommunicationStrategy):
         if leader is None:
             rank_zero_warn(f"LSGD round after step {self.steps} skipped: no worker has a finite training loss.")
             return None
-        distance = self._pull([(self._broadcast_flats(leader), self.pull_strength)], copy_from=0)
-        return {
-            "lsgd/leader": float(leader),
-            "lsgd/leader_score": float(scores[leader]),
-            "lsgd/dist_to_leader": distance[0],
-        }
+        leader_flats = self._broadcast_flats(leader)
+        metrics = {"lsgd/leader": float(leader), "lsgd/leader_score": float(scores[leader])}
+        if bool(torch.isnan(scores[self.global_rank])):
+            self._reset_to(leader_flats, "leader")
+            return metrics
+        metrics["lsgd/dist_to_leader"] = self._pull([(leader_flats, self.pull_strength)], copy_from=0)[0]
+        return metrics
 
     def _multi_leader_round(self) -> dict[str, float] | None:
         scores = self._gather_scores()
@@ -243,6 +248,9 @@ class LSGDStrategy(PeriodicCommunicationStrategy):
             metrics.update({"lsgd/leader": float(global_leader), "lsgd/leader_score": float(scores[global_leader])})
         if not pulls:
             return None  # no finite score in this rank's group, nor a global round
+        if bool(torch.isnan(scores[self.global_rank])):  # diverged: take the best weights this round offers
+            self._reset_to(pulls[-1][0], "global leader" if global_leader is not None else "local leader")
+            return metrics
         distances = self._pull(pulls, copy_from=len(pulls) - 1)
         if local_leader is not None:
             metrics["lsgd/dist_to_local_leader"] = distances[0]

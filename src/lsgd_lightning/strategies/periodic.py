@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -162,6 +163,7 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
         self._resumed_state: dict[str, Any] | None = None  # strategy state read from this rank's shard
         self._warned_no_loss = False
         self._failure_board: FailureBoard | None = None
+        self.resets = 0  # times this worker diverged and was reset to the reference model
 
     # ------------------------------------------------------------------------------------------------------------
     # Algorithm interface
@@ -214,6 +216,42 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
     @property
     def collectives(self) -> Collectives:
         return Collectives(self.comm, self.root_device)
+
+    def is_diverged(self) -> bool:
+        """Whether a recent training loss or any floating-point weight of this worker is non-finite."""
+        seen = min(self._losses_seen, self.loss_window)
+        if self._losses is not None and seen > 0 and not bool(torch.isfinite(self._losses[:seen]).all()):
+            return True
+        finite = [torch.isfinite(t).all() for b in self.layout.floating_buckets for t in b.tensors]
+        return bool(finite) and not bool(torch.stack(finite).all())
+
+    def round_score(self) -> Tensor:
+        """The score a worker sends in a round: NaN marks a diverged worker (never elected, reset), +inf one
+        without a finite loss yet (never elected), else :meth:`local_score`."""
+        if self.is_diverged():
+            return torch.tensor(math.nan, device=self.root_device)
+        return self.local_score()
+
+    def _reset_to(self, flats: list[Tensor], reference: str) -> None:
+        """Recover a diverged worker: take the reference weights, fresh optimizer state, an empty loss window."""
+        self.layout.unpack(flats)
+        for optimizer in self.optimizers:
+            optimizer.state.clear()  # momentum (or Adam's moments) may be non-finite too
+        self._losses_seen = 0
+        self.resets += 1
+        warnings.warn(
+            f"rank {self.global_rank} diverged (non-finite loss or weights) and was reset to the {reference}'s "
+            f"weights with fresh optimizer state after step {self.steps}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def _raise_all_diverged(self) -> None:
+        raise RuntimeError(
+            f"{type(self).__name__}: every worker diverged (non-finite training loss or weights) by step "
+            f"{self.steps}; nothing finite is left to recover from. Lower the learning rate, add gradient clipping "
+            "(Trainer(gradient_clip_val=...)), or resume from an earlier checkpoint."
+        )
 
     def local_score(self) -> Tensor:
         """Mean of the last ``min(loss_window, losses seen)`` training losses; +inf if none or non-finite."""
@@ -362,7 +400,7 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
         if metrics is None:
             return
         self.comm.rounds += 1
-        self.round_metrics = {**metrics, **self._comm_metrics()}
+        self.round_metrics = {**metrics, **self._comm_metrics(), "health/resets": float(self.resets)}
         log_rank_local(self.lightning_module, self.round_metrics)
 
     # ------------------------------------------------------------------------------------------------------------
