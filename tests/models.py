@@ -11,7 +11,7 @@ import math
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 IN, HIDDEN, OUT = 6, 8, 3
 N_TRAIN, N_VAL, BATCH = 96, 32, 4
@@ -110,3 +110,14 @@ class DivergingRegressor(Regressor):
             with torch.no_grad():
                 self.net.body[0].weight.fill_(math.nan)
         return super().training_step(batch, batch_idx)
+
+
+class UnevenIterable(IterableDataset):
+    """An iterable dataset whose length depends on the rank: ranks would take different numbers of steps."""
+
+    def __len__(self) -> int:
+        return 8 + 4 * torch.distributed.get_rank()
+
+    def __iter__(self):
+        x, y = dataset(len(self), 0, 1)
+        return iter(zip(x, y))

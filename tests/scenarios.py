@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
 
 from lsgd_lightning import DataParallelStrategy, EASGDStrategy, LSGDStrategy
 from tests import models
@@ -155,7 +156,7 @@ def _expect_error(run: Any) -> dict[str, Any]:
     """Run a scenario that must fail alike on every rank; return the error message."""
     try:
         run()
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:
         return {"error": str(error)}
     return {"error": None}
 
@@ -189,6 +190,10 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
         return _expect_error(
             lambda: _fit(rank, world_size, strategy, make_model=lambda: models.DivergingRegressor(rank=1, step=4))
         )
+    if name == "uneven_iterable":
+        loader = DataLoader(models.UnevenIterable(), batch_size=models.BATCH)
+        trainer = _trainer(world_size, _lsgd(), Recorder(), max_steps=20)
+        return _expect_error(lambda: trainer.fit(models.Regressor(), loader))
     if name == "lsgd_repeat":  # determinism: the same seed and config as "lsgd"
         return _fit(rank, world_size, _lsgd())
     if name == "lsgd_resume_other_world":

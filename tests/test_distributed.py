@@ -33,6 +33,7 @@ SCENARIOS = [
     "easgd_diverge",
     "dataparallel_diverge",
     "lsgd_repeat",
+    "uneven_iterable",
     "lsgd_accumulate",
     "lsgd_resume",
     "lsgd_missing_shard",
@@ -251,6 +252,12 @@ def test_easgd_keeps_a_diverged_worker_out_of_the_center_and_resets_it(job: Path
 def test_dataparallel_stops_with_a_clear_error_on_non_finite_gradients(job: Path) -> None:
     for rank, result in enumerate(results(job, "dataparallel_diverge")):
         assert result["error"] is not None and "non-finite at step 5" in result["error"], f"rank {rank}"
+
+
+def test_ranks_with_different_epoch_lengths_are_refused_on_every_rank(job: Path) -> None:
+    for rank, result in enumerate(results(job, "uneven_iterable")):
+        assert result["error"] is not None, f"rank {rank} started training"
+        assert "rank 0: 2, rank 1: 3, rank 2: 4, rank 3: 5" in result["error"], result["error"]
 
 
 def test_same_seed_and_config_give_bitwise_identical_weights(job: Path) -> None:

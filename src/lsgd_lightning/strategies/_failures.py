@@ -11,9 +11,12 @@ message says.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
+import warnings
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 # Substrings of the errors torch.distributed raises when a peer is gone or a collective timed out.
@@ -120,3 +123,35 @@ def handle_worker_exception(board: FailureBoard | None, error: BaseException) ->
         augment(error, f"[lsgd_lightning] rank {board.rank}: a collective failed; {board.describe_peers()}")
     else:
         board.report(error)
+
+
+def check_equal_epoch_lengths(batches_per_epoch: float, device: torch.device, strategy_name: str) -> None:
+    """Refuse training data whose ranks would take different numbers of steps (a collective would then wait for
+    ranks that already left the epoch); warn when the lengths are unknown (an iterable dataset without ``__len__``).
+
+    Called on every rank at the start of training, after the process group exists.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    lengths = torch.empty(dist.get_world_size(), dtype=torch.float64, device=device)
+    dist.all_gather_into_tensor(lengths, torch.tensor([batches_per_epoch], dtype=torch.float64, device=device))
+    values = lengths.tolist()
+    if any(math.isinf(v) for v in values):
+        if dist.get_rank() == 0:
+            warnings.warn(
+                f"{strategy_name}: the training data has no length on some ranks (an iterable dataset without "
+                "__len__), so nothing guarantees that every rank takes the same number of steps. If one runs out "
+                "first, the others wait in a collective until the timeout. Give the dataset a __len__ that is equal "
+                "on every rank, or set Trainer(max_steps=...) with data that never runs out.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return
+    if len(set(values)) > 1:
+        per_rank = ", ".join(f"rank {r}: {int(v)}" for r, v in enumerate(values))
+        raise ValueError(
+            f"{strategy_name}: the ranks' training data have different numbers of batches per epoch ({per_rank}), "
+            "so they would take different numbers of optimizer steps and a collective would deadlock. Use a "
+            "map-style dataset (Lightning then shards it evenly with a DistributedSampler) or make every rank's "
+            "iterable yield the same number of batches."
+        )

@@ -26,9 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from ._comm import CommMeter, payload_bytes
-from ._failures import FailureBoard, handle_worker_exception, new_board
+from ._failures import FailureBoard, check_equal_epoch_lengths, handle_worker_exception, new_board
 from ._registration import log_rank_local, register_launcher_variants
-from .periodic import CHECKPOINT_META_KEY
+from .periodic import CHECKPOINT_META_KEY, load_main_checkpoint
 
 
 @dataclass
@@ -114,10 +114,14 @@ class DataParallelStrategy(DDPStrategy):
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        checkpoint = load_main_checkpoint(super().load_checkpoint, checkpoint_path, weights_only)
         meta = checkpoint.get(CHECKPOINT_META_KEY) or {}
         self._resumed_comm = meta.get("comm") if meta.get("strategy") == self.strategy_name else None
         return checkpoint
+
+    def on_train_start(self) -> None:
+        assert self.lightning_module is not None
+        check_equal_epoch_lengths(self.lightning_module.trainer.num_training_batches, self.root_device, "DataParallel")
 
     def _register_ddp_hooks(self) -> None:
         assert isinstance(self.model, DistributedDataParallel)

@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._comm import Collectives, CommMeter, all_gather_single
-from ._failures import FailureBoard, handle_worker_exception, new_board
+from ._failures import FailureBoard, check_equal_epoch_lengths, handle_worker_exception, new_board
 from ._flat import FlatLayout, state_dict_with
 from ._registration import log_rank_local, register_launcher_variants
 
@@ -331,6 +331,10 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
             bucket.unpack(flat)
 
     def on_train_start(self) -> None:
+        assert self.lightning_module is not None
+        check_equal_epoch_lengths(
+            self.lightning_module.trainer.num_training_batches, self.root_device, type(self).__name__
+        )
         if self._resumed_state is not None:
             _set_rng_state(self._resumed_state.get("rng", {}), self.root_device)
             self._resumed_state = None
@@ -501,7 +505,7 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
         All ranks decide together (one all-reduce) whether every shard could be read, so a missing or corrupt
         shard raises the same clear error on every rank instead of leaving some ranks waiting in a collective.
         """
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        checkpoint = load_main_checkpoint(super().load_checkpoint, checkpoint_path, weights_only)
         meta = checkpoint.get(CHECKPOINT_META_KEY)
         trainer = self.lightning_module._trainer if self.lightning_module is not None else None
         if meta is None or trainer is None or trainer.state.fn != TrainerFn.FITTING:
@@ -556,6 +560,19 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
         self._losses.copy_(state["losses"].to(self._losses.device))
         self.comm.load_state_dict(state["comm"])
         self._pending_rounds = 0
+
+
+def load_main_checkpoint(load: Callable[..., dict[str, Any]], path: _PATH, weights_only: bool | None) -> dict[str, Any]:
+    """``load(path)`` with an error that names the file when it is missing, truncated or not a checkpoint."""
+    try:
+        return load(path, weights_only=weights_only)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise RuntimeError(
+            f"Checkpoint {os.fspath(path)!r} could not be read ({type(error).__name__}: {str(error)[:300]}). It is "
+            "corrupt or incomplete; resume from an earlier checkpoint."
+        ) from error
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
