@@ -91,12 +91,14 @@ def test_ddp_wrapper_arguments_are_refused_by_name() -> None:
         DataParallelStrategy(ddp_comm_hook=lambda *a: None)
 
 
-def test_sync_batchnorm_is_refused_before_any_process_group() -> None:
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, strategy=LSGDStrategy(), sync_batchnorm=True, logger=False, max_steps=1
-    )
+def test_incompatible_trainer_settings_are_refused_when_the_trainer_is_built() -> None:
+    """Before any worker process or process group exists."""
     with pytest.raises(ValueError, match="sync_batchnorm"):
-        trainer.fit(models.Regressor(), models.train_loader(1))
+        pl.Trainer(accelerator="cpu", devices=2, strategy=LSGDStrategy(), sync_batchnorm=True, logger=False)
+    with pytest.raises(ValueError, match="moving_rate=0.5"):
+        pl.Trainer(accelerator="cpu", devices=4, strategy=EASGDStrategy(moving_rate=0.5), logger=False)
+    with pytest.raises(ValueError, match="group_size"):
+        pl.Trainer(accelerator="cpu", devices=4, strategy=LSGDStrategy(group_size=3), logger=False)
     assert not torch.distributed.is_initialized()
 
 

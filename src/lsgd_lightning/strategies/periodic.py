@@ -268,17 +268,20 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         register_launcher_variants(strategy_registry, cls, cls.strategy_name)
 
-    def setup_environment(self) -> None:
-        # Checks that need the Trainer's settings, made before any process group exists so nothing can hang.
+    def _configure_launcher(self) -> None:
+        # Lightning calls this last while building the Trainer, once devices, nodes and sync_batchnorm are known:
+        # the place to refuse bad combinations before any process or process group exists.
         if self._layer_sync is not None:
             raise ValueError(
                 f"{type(self).__name__} does not support Trainer(sync_batchnorm=True): SyncBatchNorm communicates "
                 "on every forward pass, which defeats periodic communication. Use sync_batchnorm=False; each "
                 "worker then keeps its own BatchNorm statistics, which the rounds mix like other buffers."
             )
-        world_size = self.num_nodes * self.num_processes
-        self._check_world_size(world_size)
-        if world_size == 1:
+        self._check_world_size(self.num_nodes * self.num_processes)
+        super()._configure_launcher()
+
+    def setup_environment(self) -> None:
+        if self.num_nodes * self.num_processes == 1:
             rank_zero_warn(
                 f"{type(self).__name__} runs with a single worker: no communication rounds, plain local SGD."
             )
