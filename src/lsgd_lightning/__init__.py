@@ -6,24 +6,36 @@
 ``"lsgd"``                Leader SGD (:class:`LSGDStrategy`)
 ``"easgd"``               synchronous Elastic Averaging SGD (:class:`EASGDStrategy`)
 ``"dataparallel"``        data-parallel SGD with communication accounting (:class:`DataParallelStrategy`)
+``"dpsgd"``               decentralized gossip SGD, D-PSGD (:class:`DPSGDStrategy`)
+``"d2"``                  D², decentralized SGD for workers whose data differ (:class:`D2Strategy`)
+``"adpsgd"``              asynchronous-style pairwise gossip, AD-PSGD (:class:`ADPSGDStrategy`)
+``"signum"``              Signum / signSGD with 1-bit majority vote (:class:`SignumStrategy`)
 ========================  ==================================================================
 
 Each name also exists with a ``_spawn`` suffix for the spawn launcher (notebooks, ``python -c``).
 """
 
 from .strategies import (
+    ADPSGDStrategy,
+    D2Strategy,
     DataParallelStrategy,
+    DPSGDStrategy,
     EASGDStrategy,
     LSGDStrategy,
     PeriodicCommunicationStrategy,
+    SignumStrategy,
 )
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ADPSGDStrategy",
+    "D2Strategy",
+    "DPSGDStrategy",
     "DataParallelStrategy",
     "EASGDStrategy",
     "LSGDStrategy",
     "PeriodicCommunicationStrategy",
+    "SignumStrategy",
     "__version__",
 ]

@@ -1,0 +1,196 @@
+"""signSGD / Signum with majority vote (Bernstein et al., ICML 2018 arXiv:1802.04434; ICLR 2019 arXiv:1810.05291).
+
+Each worker i keeps a momentum m_i of its own stochastic gradients and sends only its sign, one bit per coordinate;
+the update is the majority vote, the same on every worker::
+
+    m_i  <- beta * m_i + (1 - beta) * g_i             (m_i = 0 at the start; beta = 0 is signSGD: m_i = g_i)
+    vote <- sign(sum_j sign(m_j))                      (per coordinate; 0 on a tie, possible with an even P)
+    x    <- x - lr * (vote + weight_decay * x)          (on every worker: the replicas stay identical)
+
+Weight decay is applied as in the authors' code for the majority-vote runs: not folded into the gradient before
+the sign, but added to the voted direction, decoupled (``x -= lr * weight_decay * x``) and local.
+
+What is communicated and when: after every optimizer step, each worker packs sign(m_i) into int32 words, 32 signs
+a word (bit k of word w is coordinate 32w + k, 1 for ``>= 0``; a momentum of exactly 0 is sent as +1, because one
+bit cannot say 0), and all-gathers the words; every worker counts the votes itself, so no worker plays server and
+no vote is sent back. ``comm/bytes`` counts the words this worker sends, 4 * ceil(d / 32) ≈ d / 8 bytes per step
+for d parameters, against 4·d for an all-reduce of float32 gradients (it receives P times that). One all-gather per
+``bucket_cap_mb`` of float32 coordinates.
+
+Optimizers: one ``torch.optim.SGD``, used for its hyperparameters, read per param group at every step (so
+learning-rate schedulers work): ``lr``, ``momentum`` (beta, in [0, 1)) and ``weight_decay``. SGD's own update is not
+applied: Lightning still runs the closure (forward, backward, gradient clipping, hooks) through ``optimizer.step``,
+then this strategy applies the voted update. ``nesterov=True``, ``dampening != 0`` and ``maximize=True`` are
+refused, as are other optimizers and ``precision="16-mixed"`` with a GradScaler (a skipped fp16 step would still
+vote); bf16 and 32-bit precisions work. Only parameters with ``requires_grad=True`` vote; a parameter without a
+gradient in a step counts as a zero gradient (freeze parameters that never get one: a zero momentum votes +1).
+
+The momentum lives in this strategy (saved in each rank's checkpoint shard). Parameters are bitwise identical on
+all workers; floating-point buffers (e.g. BatchNorm statistics) are each worker's own. Evaluation, the
+checkpoint's main file and ``final_sync`` use the parameters with the workers' averaged buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._comm import all_gather_single, payload_bytes
+from ._decentralized import AveragedReplicasStrategy, refuse_sgd_setting, single_sgd
+from ._signs import majority_vote, pack_signs, packed_words
+
+
+class SignumStrategy(AveragedReplicasStrategy):
+    """Signum with majority vote: workers exchange 1-bit signs of their momentum and all step by the vote.
+
+    Args:
+        eval_on: ``"average"`` (validation/test see the parameters with the workers' averaged buffers) or
+            ``"local"``.
+        final_sync: when ``fit`` ends, every worker takes the averaged buffers (parameters are already identical).
+        bucket_cap_mb: float32 coordinates per all-gather, in MiB (the message itself is 32x smaller).
+        **ddp_kwargs: process-group arguments of Lightning's ``DDPStrategy`` (``start_method``, ``timeout``, ...).
+
+    Registered as ``"signum"`` (subprocess launcher) and ``"signum_spawn"`` (spawn launcher).
+    """
+
+    strategy_name: ClassVar[str] = "signum"
+    algorithm: ClassVar[str] = "Signum"
+
+    def __init__(
+        self, eval_on: str = "average", final_sync: bool = True, bucket_cap_mb: float = 25.0, **ddp_kwargs: Any
+    ) -> None:
+        super().__init__(eval_on=eval_on, final_sync=final_sync, bucket_cap_mb=bucket_cap_mb, **ddp_kwargs)
+        self._optimizer: torch.optim.SGD | None = None
+        self._momentum: list[Tensor] = []  # m_i, one tensor per trainable parameter, in param-group order
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checks and state
+    # ------------------------------------------------------------------------------------------------------------
+    def _check_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
+        optimizer = single_sgd(self.algorithm, optimizers)
+        refuse_sgd_setting(
+            self.algorithm,
+            optimizer,
+            "momentum",
+            lambda v: isinstance(v, (int, float)) and 0 <= v < 1,
+            "Signum's momentum beta must be in [0, 1) (0 gives signSGD).",
+        )
+        why = "Signum votes on the sign of a plain exponential moving average of the gradients."
+        refuse_sgd_setting(self.algorithm, optimizer, "nesterov", lambda v: not v, why)
+        refuse_sgd_setting(self.algorithm, optimizer, "dampening", lambda v: v == 0, why)
+        refuse_sgd_setting(self.algorithm, optimizer, "maximize", lambda v: not v, "it minimizes the loss.")
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                "Signum does not support precision='16-mixed' with a GradScaler: a step the scaler skips would still "
+                "vote. Signs need no loss scaling: use precision='bf16-mixed' or 32."
+            )
+        self._optimizer = optimizer
+
+    def _trainable(self) -> list[tuple[Tensor, dict[str, Any]]]:
+        """(parameter, its param group) for every parameter that votes, in param-group order."""
+        assert self._optimizer is not None
+        return [(p, group) for group in self._optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+    def _on_fresh_start(self) -> None:
+        self._momentum = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p, _ in self._trainable()]
+
+    def _extra_state_dict(self) -> dict[str, Any]:
+        return {"momentum": [m.detach().cpu().clone() for m in self._momentum]}
+
+    def _load_extra_state_dict(self, state: Mapping[str, Any]) -> None:
+        params = [p for p, _ in self._trainable()]
+        saved = list(state.get("momentum", []))
+        if len(saved) != len(params) or any(m.shape != p.shape for m, p in zip(saved, params)):
+            raise RuntimeError("The checkpoint's Signum momentum does not match this model's trainable parameters.")
+        self._momentum = [m.to(device=p.device, dtype=p.dtype) for m, p in zip(saved, params)]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The step
+    # ------------------------------------------------------------------------------------------------------------
+    def _local_step(self, optimizer: Optimizer) -> AbstractContextManager[None]:
+        return _gradients_only(optimizer)  # Lightning runs the closure; SGD's own update is skipped
+
+    def _after_local_step(self) -> None:
+        if self.world_size == 1:
+            self._communication_round()  # local Signum: the vote of one
+        else:
+            self._run_round()  # counts the round and logs its metrics
+
+    @torch.no_grad()
+    def _communication_round(self) -> dict[str, float]:
+        trainable = self._trainable()
+        for (param, group), momentum in zip(trainable, self._momentum):
+            beta = float(group["momentum"])
+            momentum.mul_(beta)
+            if param.grad is not None:
+                momentum.add_(param.grad, alpha=1 - beta)
+        own = (
+            torch.cat([m.reshape(-1) for m in self._momentum])
+            if self._momentum
+            else torch.zeros(0, device=self.root_device)
+        )
+        vote = self._vote(own)
+        offset = 0
+        for param, group in trainable:
+            direction = vote[offset : offset + param.numel()].view_as(param).to(param.dtype)
+            offset += param.numel()
+            lr, weight_decay = float(group["lr"]), float(group["weight_decay"])
+            param.add_(direction.add(param, alpha=weight_decay), alpha=-lr)
+        numel = max(1, own.numel())
+        own_sign = torch.where(own >= 0, 1, -1).to(torch.int8)
+        return {
+            "signum/agreement": float((own_sign == vote).sum()) / numel,
+            "signum/ties": float((vote == 0).sum()) / numel,
+        }
+
+    def _vote(self, own: Tensor) -> Tensor:
+        """sign(sum over workers of sign(own)), as int8; one all-gather of packed words per chunk."""
+        chunk = max(32, self.bucket_cap_bytes // 4 // 32 * 32)  # coordinates per message, whole words
+        votes = []
+        for start in range(0, own.numel(), chunk):
+            part = own[start : start + chunk]
+            words = pack_signs(part)
+            if self.world_size > 1:
+                gathered = words.new_empty(self.world_size * packed_words(part.numel()))
+                self.comm.count(payload_bytes(words))
+                with self.comm.timed(self.root_device):
+                    all_gather_single(gathered, words)
+                words = gathered
+            votes.append(majority_vote(words.view(self.world_size, -1), part.numel()))
+        return torch.cat(votes) if votes else torch.zeros(0, dtype=torch.int8, device=own.device)
+
+    def _reference_weights(self) -> list[Tensor]:
+        """The parameters (identical on every worker) with the workers' averaged floating-point buffers."""
+        averaged = super()._reference_weights()
+        masks = iter(self._parameter_masks)
+        return [
+            torch.where(next(masks), bucket.pack(), flat) if bucket.floating else flat
+            for bucket, flat in zip(self.layout.buckets, averaged)
+        ]
+
+
+@contextmanager
+def _gradients_only(optimizer: Optimizer) -> Iterator[None]:
+    """Let Lightning run ``optimizer.step(closure)`` (forward, backward, clipping, hooks) without SGD's update.
+
+    The optimizer's ``step`` is shadowed on this one instance for the duration of the call, so its state and
+    hyperparameters stay untouched.
+    """
+    previous = optimizer.__dict__.get("step")
+
+    def step(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        return closure() if closure is not None else None
+
+    optimizer.step = step  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if previous is None:
+            del optimizer.step
+        else:
+            optimizer.step = previous  # type: ignore[method-assign]
