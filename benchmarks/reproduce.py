@@ -1,0 +1,465 @@
+"""The paper's comparison: test error against wall-clock time and steps, and who leads (issue 6, item 3).
+
+    # CPU-sized preset (about 11 minutes on 2 cores): CNN7 on a CIFAR-10 subset (1,000 train / 200 test images per
+    # class), 4 workers for LSGD, EASGD and DataParallel, plus one worker alone (plain SGD), 120 s of training each
+    mkdir -p .data && tar xzf /path/to/cifar10-jpeg.tar.gz -C .data       # train/<class>/*.jpg, test/<class>/*.jpg
+    python benchmarks/reproduce.py --data-root .data
+
+    # full-size presets (GPU; one worker process per GPU): the whole of CIFAR-10, the presets' epochs and LR drops
+    python benchmarks/reproduce.py --preset cifar10_resnet20 --data-root /data/cifar10-jpeg --workers 4,16
+
+Every run composes the ``lsgd-train`` app's own configuration (``experiment=<preset>`` plus the overrides listed
+per preset below and ``data=imagefolder``, since the JPEG folders are what this machine has) and builds the
+datamodule, model and strategy with the app's builders, so the numbers belong to the presets users run. Each run is a
+multi-process job of its own (processes launched like ``torchrun``), one after another:
+
+- every ``--val-every`` optimizer steps (full-size presets: every epoch) the strategy's evaluation model (LSGD: the
+  leader, EASGD: the centre variable, DataParallel and SGD: the model) is evaluated on the test split, and rank 0
+  records (training time, step, test error). Training time is wall time since ``fit`` started minus the time spent
+  evaluating; steps are optimizer steps per worker;
+- at every LSGD round rank 0 records the elected leader (``strategy.round_metrics["lsgd/leader"]``, the value LSGD
+  logs as ``lsgd/leader``);
+- a run stops at the first evaluation after ``--budget`` seconds of wall time (all ranks decide together), or at the
+  preset's last epoch.
+
+Writes to ``--out``: ``reproduce.md`` (final error table, time and steps to ``--target-error``, leader counts, how it
+was run), ``reproduce_curves.csv``, ``reproduce_error.png`` (error vs time and vs steps) and ``reproduce_leader.png``
+(the leader at each round and how often each worker led).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from _common import (
+    REPO,
+    cpu_count,
+    free_port,
+    int_list,
+    load_average,
+    markdown_table,
+    metadata_markdown,
+    pyplot,
+    quiet_warnings,
+    run_local_job,
+    run_metadata,
+    set_external_launch_env,
+    str_list,
+)
+
+CIFAR_NORMALIZATION = ["data.mean=[0.4914,0.4822,0.4465]", "data.std=[0.2470,0.2435,0.2616]"]
+STRATEGIES = ("lsgd", "easgd", "dataparallel", "sgd")  # sgd: one worker alone, the paper's SGD baseline
+
+
+@dataclass(frozen=True)
+class Preset:
+    """An ``experiment=`` preset of the app plus what this benchmark changes for its size."""
+
+    experiment: str
+    overrides: tuple[str, ...] = ()
+    workers: tuple[int, ...] = (4,)
+    train_per_class: int | None = None  # a subset of the training images (symlinks), or all of them
+    test_per_class: int | None = None
+    budget_s: float | None = None  # wall-clock budget per run
+    val_every: int | None = None  # optimizer steps between evaluations; None: every epoch
+    target_error: float = 0.1
+    accelerator: str = "gpu"
+
+
+PRESETS = {
+    # The CNN7 preset (batch 128 per worker, lr 0.05, Nesterov) on a subset, without LR drops, 120 s per run.
+    "cpu": Preset(
+        "cifar10_cnn7",
+        ("optim.milestones=[]", "trainer.max_epochs=1000"),
+        workers=(4,),
+        train_per_class=1000,
+        test_per_class=200,
+        budget_s=120.0,
+        val_every=10,
+        target_error=0.6,
+        accelerator="cpu",
+    ),
+    "cifar10_cnn7": Preset("cifar10_cnn7", workers=(4, 16), target_error=0.20),
+    "cifar10_resnet20": Preset("cifar10_resnet20", workers=(4, 16), target_error=0.10),
+    "cifar10_vgg16": Preset("cifar10_vgg16", workers=(4, 16), target_error=0.10),
+}
+
+
+@dataclass
+class RunSpec:
+    """One training run: a strategy with a number of workers, and where rank 0 writes what it recorded."""
+
+    strategy: str
+    workers: int
+    overrides: list[str]
+    val_every: int | None
+    budget_s: float | None
+    max_steps: int
+    accelerator: str
+    threads: int
+    result: str
+    timeout_s: float = 300.0
+
+
+@dataclass
+class RunResult:
+    strategy: str
+    workers: int
+    points: list[dict[str, float]] = field(default_factory=list)  # train_s, wall_s, step, epoch, error
+    leaders: list[tuple[int, int]] = field(default_factory=list)  # (step, leader rank) per LSGD round
+    steps: int = 0
+    comm_bytes: float = 0.0  # training traffic of rank 0 (evaluation swaps left out)
+    comm_rounds: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return "SGD (1 worker)" if self.strategy == "sgd" else f"{self.strategy} ({self.workers} workers)"
+
+
+def compose(overrides: list[str]) -> Any:
+    """The app's configuration for ``overrides`` (Hydra's compose API on the packaged configs)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module="lsgd_lightning.conf", version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def run_overrides(preset: Preset, strategy: str, workers: int, args: argparse.Namespace, root: Path) -> list[str]:
+    overrides = [f"experiment={preset.experiment}", *preset.overrides, "data=imagefolder", f"data.root={root}"]
+    overrides += [*CIFAR_NORMALIZATION, f"workers={workers}", "logger=none", "trainer.default_root_dir=."]
+    overrides += [f"trainer.accelerator={preset.accelerator}", f"seed={args.seed}"]
+    if strategy != "sgd":
+        overrides += [f"strategy={strategy}", f"strategy.timeout_s={args.timeout:g}"]
+    if args.cache_dir:
+        overrides.append(f"data.cache_dir={args.cache_dir}")
+    return overrides + list(args.override)
+
+
+class Recorder(pl.Callback):
+    """Rank 0 records the test error at every evaluation and the leader at every LSGD round; enforces the budget."""
+
+    def __init__(self, budget_s: float | None) -> None:
+        self.budget_s = budget_s
+        self.points: list[dict[str, float]] = []
+        self.leaders: list[tuple[int, int]] = []
+        self.evaluating = 0.0
+        self.eval_bytes = 0  # payload of the evaluation swaps (LSGD/EASGD), left out of the training traffic
+        self.rounds_seen = 0
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        strategy = trainer.strategy
+        comm = getattr(strategy, "comm", None)
+        if comm is not None and comm.rounds > self.rounds_seen:
+            self.rounds_seen = comm.rounds
+            leader = getattr(strategy, "round_metrics", {}).get("lsgd/leader")
+            if leader is not None:
+                self.leaders.append((trainer.global_step, int(leader)))
+
+    @staticmethod
+    def _comm_bytes(trainer: pl.Trainer) -> int:
+        comm = getattr(trainer.strategy, "comm", None)
+        return comm.bytes if comm is not None else 0
+
+    def on_validation_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # Callbacks run before the strategy's hook: the swap-in of the leader/centre comes after this snapshot.
+        self.eval_start = time.perf_counter()
+        self.eval_start_bytes = self._comm_bytes(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        now = time.perf_counter()
+        self.eval_bytes += self._comm_bytes(trainer) - self.eval_start_bytes
+        acc = trainer.callback_metrics.get("val/acc")
+        self.points.append(
+            {
+                "train_s": self.eval_start - self.start - self.evaluating,
+                "wall_s": now - self.start,
+                "step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+                "error": float("nan") if acc is None else 1.0 - float(acc),
+            }
+        )
+        self.evaluating += now - self.eval_start
+        if self.budget_s is not None:
+            over = now - self.start >= self.budget_s
+            trainer.should_stop = trainer.strategy.reduce_boolean_decision(over, all=False)
+
+
+def run_worker(rank: int, spec: RunSpec, port: int) -> None:
+    """One rank of a run: build everything from the app's configuration, train, and (rank 0) write the record."""
+    import torch
+
+    from lsgd_lightning.train import build_datamodule, build_model, build_strategy
+
+    set_external_launch_env(rank, spec.workers, port, spec.threads)
+    torch.set_num_threads(spec.threads)
+    quiet_warnings()
+    cfg = compose(spec.overrides)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    model = build_model(cfg, datamodule)
+    recorder = Recorder(spec.budget_s)
+    trainer = pl.Trainer(
+        accelerator=spec.accelerator,
+        devices=spec.workers,
+        strategy=build_strategy(cfg) if spec.strategy != "sgd" else "auto",
+        max_epochs=cfg.trainer.max_epochs,
+        max_steps=spec.max_steps,
+        val_check_interval=spec.val_every or 1.0,
+        check_val_every_n_epoch=None if spec.val_every else 1,
+        num_sanity_val_steps=0,
+        precision=cfg.trainer.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+    )
+    trainer.fit(model, datamodule=datamodule)
+    if trainer.is_global_zero:
+        comm = getattr(trainer.strategy, "comm", None)
+        result = RunResult(
+            spec.strategy,
+            spec.workers,
+            recorder.points,
+            recorder.leaders,
+            trainer.global_step,
+            float(comm.bytes - recorder.eval_bytes) if comm else 0.0,
+            float(comm.rounds) if comm else 0.0,
+        )
+        Path(spec.result).write_text(json.dumps(asdict(result)))
+
+
+def make_subset(root: Path, dest: Path, train_per_class: int | None, test_per_class: int | None) -> Path:
+    """``dest`` with symlinks to the first N images (sorted names) of each class of ``root``'s train and test splits."""
+    if train_per_class is None and test_per_class is None:
+        return root
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        source = root / split
+        if not source.is_dir():
+            sys.exit(
+                f"reproduce: {source} does not exist. Extract the CIFAR-10 JPEG folders first, e.g. "
+                "`mkdir -p .data && tar xzf cifar10-jpeg.tar.gz -C .data`, and pass --data-root .data"
+            )
+        for class_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+            files = sorted(p for p in class_dir.iterdir() if p.is_file())
+            target = dest / split / class_dir.name
+            target.mkdir(parents=True, exist_ok=True)
+            for path in files if count is None else files[:count]:
+                link = target / path.name
+                if not link.exists():
+                    link.symlink_to(path.resolve())
+    return dest
+
+
+# ====================================================================================================================
+# Report
+# ====================================================================================================================
+
+
+def first_reaching(points: list[dict[str, float]], target: float) -> dict[str, float] | None:
+    return next((p for p in points if p["error"] <= target), None)
+
+
+def report(results: list[RunResult], preset_name: str, args: argparse.Namespace, meta: dict[str, str]) -> str:
+    preset = PRESETS[preset_name]
+    target = args.target_error if args.target_error is not None else preset.target_error
+    rows = []
+    for r in results:
+        last = r.points[-1] if r.points else None
+        best = min((p["error"] for p in r.points), default=float("nan"))
+        reached = first_reaching(r.points, target)
+        rows.append(
+            [
+                r.label,
+                f"{last['error'] * 100:.1f}" if last else "n/a",
+                f"{best * 100:.1f}",
+                f"{last['train_s']:.0f}" if last else "n/a",
+                str(r.steps),
+                f"{reached['train_s']:.0f} s / {int(reached['step'])} steps" if reached else "not reached",
+                f"{r.comm_bytes / max(1, r.steps):,.0f}",
+            ]
+        )
+    header = ["run", "final test error %", "best %", "training s", "steps/worker"]
+    header += [f"time to {target * 100:.0f}% error", "payload bytes/step/worker"]
+    leader_rows = []
+    for r in results:
+        if r.leaders:
+            counts = [sum(1 for _, who in r.leaders if who == k) for k in range(r.workers)]
+            changes = sum(1 for a, b in zip(r.leaders, r.leaders[1:]) if a[1] != b[1])
+            leader_rows.append([r.label, len(r.leaders), " / ".join(map(str, counts)), changes])
+    meta["load_end"] = load_average()
+    text = (
+        f"## Test error against time and steps (preset `{preset_name}`)\n\n"
+        + metadata_markdown(meta)
+        + f"- preset: `experiment={preset.experiment}` with {' '.join(preset.overrides) or 'no changes'}; "
+        f"data: {args.data_desc}; evaluation every "
+        f"{f'{preset.val_every} steps' if preset.val_every else 'epoch'}"
+        f"{f', budget {preset.budget_s:.0f} s per run' if preset.budget_s else ''}\n\n"
+        + markdown_table(header, rows)
+        + "\n"
+        + (
+            markdown_table(["run", "rounds", "rounds led by worker 0 / 1 / ...", "leader changes"], leader_rows)
+            if leader_rows
+            else ""
+        )
+    )
+    _plot(results, target, args.out)
+    return text
+
+
+def _plot(results: list[RunResult], target: float, out: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(12, 4))
+    for r in results:
+        xs_t = [p["train_s"] for p in r.points]
+        xs_s = [p["step"] for p in r.points]
+        ys = [p["error"] * 100 for p in r.points]
+        by_time.plot(xs_t, ys, marker=".", label=r.label)
+        by_step.plot(xs_s, ys, marker=".", label=r.label)
+    for axis, xlabel in ((by_time, "training wall-clock time (s, evaluation excluded)"), (by_step, "steps per worker")):
+        axis.axhline(target * 100, color="gray", linestyle=":", linewidth=1)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel("test error (%)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "reproduce_error.png", dpi=80)
+    plt.close(fig)
+
+    led = [r for r in results if r.leaders]
+    if not led:
+        return
+    fig, axes = plt.subplots(len(led), 2, figsize=(12, 3 * len(led)), squeeze=False, width_ratios=[3, 1])
+    for (timeline, bars), r in zip(axes, led):
+        timeline.step([s for s, _ in r.leaders], [w for _, w in r.leaders], where="post", linewidth=0.8)
+        timeline.plot([s for s, _ in r.leaders], [w for _, w in r.leaders], "k.", markersize=3)
+        timeline.set_yticks(range(r.workers))
+        timeline.set_xlabel("step")
+        timeline.set_ylabel("leader (worker rank)")
+        timeline.set_title(f"{r.label}: leader at each round")
+        counts = [sum(1 for _, who in r.leaders if who == k) for k in range(r.workers)]
+        bars.bar(range(r.workers), counts)
+        bars.set_xticks(range(r.workers))
+        bars.set_xlabel("worker")
+        bars.set_title("rounds led")
+    fig.tight_layout()
+    fig.savefig(out / "reproduce_leader.png", dpi=80)
+    plt.close(fig)
+
+
+def write_curves(results: list[RunResult], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["strategy", "workers", "train_s", "wall_s", "step", "epoch", "test_error"])
+        for r in results:
+            for p in r.points:
+                writer.writerow(
+                    [r.strategy, r.workers, f"{p['train_s']:.2f}", f"{p['wall_s']:.2f}", int(p["step"]),
+                     int(p["epoch"]), f"{p['error']:.4f}"]
+                )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    parser.add_argument("--data-root", type=Path, default=REPO / ".data", help="folder with train/ and test/")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), type=str_list, help=", ".join(STRATEGIES))
+    parser.add_argument("--workers", type=int_list, default=None, help="worker counts (default: the preset's)")
+    parser.add_argument("--train-per-class", type=int, default=None, help="subset size (default: the preset's)")
+    parser.add_argument("--test-per-class", type=int, default=None)
+    parser.add_argument("--budget", type=float, default=None, help="seconds per run (default: the preset's)")
+    parser.add_argument("--val-every", type=int, default=None, help="steps between evaluations (default: preset)")
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: no limit)")
+    parser.add_argument("--target-error", type=float, default=None, help="for 'time to error' (default: preset)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="decoded-image cache (default: the app's)")
+    parser.add_argument("--work-dir", type=Path, default=REPO / ".data" / "reproduce-work", help="subset, run files")
+    parser.add_argument("--timeout", type=float, default=300.0, help="collective timeout (s)")
+    parser.add_argument("--deadline", type=float, default=None, help="give up on a run after this many seconds")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reproduce")
+    parser.add_argument("override", nargs="*", help="more app overrides, e.g. optim.lr=0.02 data.batch_size=64")
+    args = parser.parse_args(argv)
+    base = PRESETS[args.preset]
+    preset = Preset(
+        base.experiment,
+        base.overrides,
+        tuple(args.workers or base.workers),
+        args.train_per_class or base.train_per_class,
+        args.test_per_class or base.test_per_class,
+        args.budget if args.budget is not None else base.budget_s,
+        args.val_every or base.val_every,
+        args.target_error if args.target_error is not None else base.target_error,
+        base.accelerator,
+    )
+    PRESETS[args.preset] = preset
+    unknown = [s for s in args.strategies if s not in STRATEGIES]
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+
+    meta = run_metadata([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    args.out.mkdir(parents=True, exist_ok=True)
+    subset = args.work_dir / f"cifar10-subset-{preset.train_per_class}-{preset.test_per_class}"
+    root = make_subset(args.data_root.resolve(), subset, preset.train_per_class, preset.test_per_class)
+    args.data_desc = (
+        f"{preset.train_per_class or 'all'} train / {preset.test_per_class or 'all'} test images per class "
+        f"of `{args.data_root}`"
+    )
+    # Decode (and cache) the images once, here, before any worker starts.
+    from lsgd_lightning.train import build_datamodule
+
+    build_datamodule(compose(run_overrides(preset, "sgd", 1, args, root))).prepare_data()
+
+    cores = cpu_count()
+    runs = [(s, p) for p in preset.workers for s in args.strategies if s != "sgd"]
+    runs += [("sgd", 1)] if "sgd" in args.strategies else []  # one worker alone
+    results: list[RunResult] = []
+    start = time.perf_counter()
+    for strategy, workers in runs:
+        result_path = args.work_dir / f"run-{strategy}-{workers}.json"
+        result_path.unlink(missing_ok=True)
+        spec = RunSpec(
+            strategy=strategy,
+            workers=workers,
+            overrides=run_overrides(preset, strategy, workers, args, root),
+            val_every=preset.val_every,
+            budget_s=preset.budget_s,
+            max_steps=args.max_steps,
+            accelerator=preset.accelerator,
+            threads=max(1, cores // workers) if preset.accelerator == "cpu" else 1,
+            result=str(result_path),
+            timeout_s=args.timeout,
+        )
+        deadline = args.deadline or (3 * preset.budget_s + 300 if preset.budget_s else 7 * 24 * 3600)
+        t0 = time.perf_counter()
+        run_local_job(run_worker, workers, (spec, free_port()), deadline)
+        results.append(RunResult(**json.loads(result_path.read_text())))
+        last = results[-1].points[-1]["error"] * 100 if results[-1].points else float("nan")
+        print(
+            f"reproduce: {results[-1].label}: {results[-1].steps} steps, final test error {last:.1f}% "
+            f"({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+    meta["wall_time"] = f"{time.perf_counter() - start:.0f} s"
+    write_curves(results, args.out / "reproduce_curves.csv")
+    text = report(results, args.preset, args, meta)
+    (args.out / "reproduce.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Smoke tests of the benchmark scripts: each runs on a tiny setting, so the scripts do not rot.
+
+The benchmarks themselves are not part of the test suite (they take minutes and measure time). Each script runs in a
+subprocess with a deadline and an environment cleaned of launch variables; the assertions are about what the
+scripts write, not about the numbers, except where a number is exact (bytes per step against the formulas).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import clean_launch_env
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def run_script(script: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        cwd=ROOT,
+        env=clean_launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def test_overhead_runs_and_bytes_match_the_formulas(tmp_path: Path) -> None:
+    run_script(
+        "overhead.py",
+        *("--models", "cnn7", "--workers", "2", "--taus", "2", "--steps", "2", "--warmup", "1", "--batch-size", "4"),
+        *("--budget", "0", "--min-repeats", "1", "--max-repeats", "1", "--out", str(tmp_path)),
+    )
+    text = (tmp_path / "overhead.md").read_text()
+    for label in ("floor", "lsgd tau=2", "easgd tau=2", "dataparallel", "ddp"):
+        assert f"| {label} |" in text
+    # floor, LSGD, EASGD and DataParallel are metered; their bytes per step are exact, whatever the timing noise
+    assert "| cnn7, P=2: bytes/step match the formulas | 4/4 metered configurations exact | met |" in text
+    assert "- command: `python benchmarks/overhead.py --models cnn7" in text
+    assert (tmp_path / "overhead.png").stat().st_size > 0
+    assert len((tmp_path / "overhead.csv").read_text().splitlines()) == 1 + 5
+
+
+def _tiny_image_folder(root: Path) -> None:
+    from PIL import Image
+
+    generator = __import__("random").Random(0)
+    for split, count in (("train", 8), ("test", 4)):
+        for label in ("cat", "dog"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = bytes(generator.randrange(256) for _ in range(32 * 32 * 3))
+                Image.frombytes("RGB", (32, 32), pixels).save(folder / f"{i}.png")
+
+
+def test_reproduce_records_curves_and_leaders(tmp_path: Path) -> None:
+    _tiny_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    run_script(
+        "reproduce.py",
+        *("--data-root", str(tmp_path / "data"), "--workers", "2", "--strategies", "lsgd,sgd"),
+        *("--train-per-class", "8", "--test-per-class", "4", "--val-every", "2", "--max-steps", "4"),
+        *("--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"), "--out", str(out)),
+        *("data.batch_size=4", "data.eval_batch_size=4", "strategy.tau=2"),
+    )
+    text = (out / "reproduce.md").read_text()
+    assert "| lsgd (2 workers) |" in text and "| SGD (1 worker) |" in text
+    assert re.search(r"\| lsgd \(2 workers\) \| 2 \| \d / \d \|", text), text  # 4 steps, tau=2: two rounds
+    curves = (out / "reproduce_curves.csv").read_text().splitlines()
+    assert len(curves) == 1 + 2 + 2  # an evaluation every 2 of 4 steps, for each run
+    assert (out / "reproduce_error.png").stat().st_size > 0
+    assert (out / "reproduce_leader.png").stat().st_size > 0
+
+
+def _namespaces(tag: str) -> list[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+    return [line.split()[0] for line in listed.splitlines() if line.startswith(tag)]
+
+
+def _netcluster(out: Path) -> subprocess.Popen[str]:
+    args = ["--nodes", "3", "--rates", "100mbit", "--configs", "floor,lsgd-chain", "--samples", "96"]
+    args += ["--batch-size", "8", "--tau", "2", "--deadline", "120", "--out", str(out)]
+    return subprocess.Popen(
+        [sys.executable, str(BENCHMARKS / "netcluster.py"), *args],
+        cwd=ROOT,
+        env=clean_launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_netcluster_runs_or_says_why_not_and_leaves_no_namespace(tmp_path: Path) -> None:
+    proc = _netcluster(tmp_path)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output[-5000:]
+    if "netcluster: skipped, nothing measured:" in output:
+        assert not (tmp_path / "netcluster.md").exists()
+        return
+    text = (tmp_path / "netcluster.md").read_text()
+    assert "| floor |" in text and "| lsgd-chain |" in text
+    # the chain sends one copy from the leader's link per round (plus headers); 3 nodes, 4 steps, tau=2: 2 rounds
+    assert re.search(r"\| lsgd-chain \|.*\| 1\.\d\d \(1\.\d\d-1\.\d\d\) \|", text), text
+    assert _namespaces(f"lsgdnc{proc.pid}") == []
+
+
+def test_netcluster_removes_its_namespaces_when_interrupted(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
+        pytest.skip("needs root and iproute2 (network namespaces)")
+    proc = _netcluster(tmp_path)
+    tag = f"lsgdnc{proc.pid}"
+    try:
+        end = time.monotonic() + 60
+        while len(_namespaces(tag)) < 4 and time.monotonic() < end and proc.poll() is None:
+            time.sleep(0.1)
+        if proc.poll() is not None and "skipped" in (proc.stdout.read() if proc.stdout else ""):
+            pytest.skip("this machine cannot create the namespaces")
+        assert len(_namespaces(tag)) == 4, "the cluster (switch + 3 nodes) never came up"
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert _namespaces(tag) == []
