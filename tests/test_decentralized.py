@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -26,9 +27,12 @@ from tests import models
 from tests.decentralized_scenarios import (
     ADPSGD_SEED,
     ADPSGD_STEPS,
+    SEED,
     SIGNUM_LR,
     STEPS,
     VAL_EVERY,
+    PlainSGDRegressor,
+    SignumRegressor,
     run_decentralized_scenarios,
 )
 from tests.multiproc import run_workers
@@ -453,3 +457,31 @@ def test_registered_names_and_hydra_configs(name: str, cls: type) -> None:
         cfg = compose("config", overrides=[f"strategy={name}", "strategy.timeout_s=60"])
     strategy = build_strategy(cfg)
     assert type(strategy) is cls and strategy.eval_on == "average" and strategy._timeout.total_seconds() == 60
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A single worker (in this process): D² is plain SGD, Signum is local Signum
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["d2", "signum"])
+def test_single_worker_runs_the_local_algorithm(name: str) -> None:
+    steps = 6
+    pl.seed_everything(SEED, verbose=False)
+    model = PlainSGDRegressor() if name == "d2" else SignumRegressor()
+    strategy = lsgd_lightning.D2Strategy() if name == "d2" else lsgd_lightning.SignumStrategy()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=strategy,
+        logger=False,
+        max_steps=steps,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(model, models.train_loader(1))
+    if name == "d2":
+        expected = sim.d2(1, steps, torch.ones(1, 1, dtype=torch.float64))[0].state()
+    else:
+        expected = sim.signum(1, steps, SIGNUM_LR)[0][0].state()
+    assert strategy.comm.bytes == 0 and strategy.steps == steps
+    assert_close(model.net.state_dict(), expected, f"{name} on one worker")

@@ -10,8 +10,9 @@ periodic base they:
 - evaluate on the *workers' average* (no worker holds "the" model): floating-point parameters and buffers averaged
   with one all-reduce, integer buffers (e.g. BatchNorm's ``num_batches_tracked``) the rank's own.
 
-Gossip strategies also keep, per floating-point bucket of the base's flat layout, which elements are parameters:
-parameters take the algorithm's update, floating-point buffers (e.g. BatchNorm statistics) are only averaged.
+All four keep, per floating-point bucket of the base's flat layout, which elements are parameters: the gossip
+strategies give parameters the algorithm's update and only average floating-point buffers (e.g. BatchNorm
+statistics); Signum evaluates its (identical) parameters with the workers' averaged buffers.
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ class GossipStrategy(AveragedReplicasStrategy):
 
     @contextmanager
     def _local_step(self, optimizer: Optimizer) -> Iterator[None]:
-        self._before_step = [bucket.pack() for bucket in self.layout.floating_buckets]
+        if self.world_size > 1:  # a single worker never gossips
+            self._before_step = [bucket.pack() for bucket in self.layout.floating_buckets]
         yield
 
     def _after_local_step(self) -> None:

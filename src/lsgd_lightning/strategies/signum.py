@@ -80,9 +80,9 @@ class SignumStrategy(AveragedReplicasStrategy):
             lambda v: isinstance(v, (int, float)) and 0 <= v < 1,
             "Signum's momentum beta must be in [0, 1) (0 gives signSGD).",
         )
-        why = "Signum votes on the sign of a plain exponential moving average of the gradients."
-        refuse_sgd_setting(self.algorithm, optimizer, "nesterov", lambda v: not v, why)
-        refuse_sgd_setting(self.algorithm, optimizer, "dampening", lambda v: v == 0, why)
+        why = "Signum votes on the sign of a plain exponential moving average of the gradients; use {}."
+        refuse_sgd_setting(self.algorithm, optimizer, "nesterov", lambda v: not v, why.format("nesterov=False"))
+        refuse_sgd_setting(self.algorithm, optimizer, "dampening", lambda v: v == 0, why.format("dampening=0"))
         refuse_sgd_setting(self.algorithm, optimizer, "maximize", lambda v: not v, "it minimizes the loss.")
         if getattr(self.precision_plugin, "scaler", None) is not None:
             raise ValueError(
