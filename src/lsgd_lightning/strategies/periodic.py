@@ -283,7 +283,7 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
     def setup_environment(self) -> None:
         if self.num_nodes * self.num_processes == 1:
             rank_zero_warn(
-                f"{type(self).__name__} runs with a single worker: no communication rounds, plain local SGD."
+                f"{type(self).__name__} runs with a single worker: no communication, only the local updates."
             )
         _limit_cpu_threads(self.num_processes, self.parallel_devices)
         super().setup_environment()
