@@ -419,6 +419,7 @@ def node_main(spec: dict[str, Any]) -> None:
     class NetMeter(pl.Callback):
         def __init__(self, lsgd: bool) -> None:
             self.lsgd = lsgd
+            self.step_ends: list[float] = []  # seconds since the epoch started, at the end of each step
             self.rounds: list[dict[str, Any]] = []
             self.round_starts: list[tuple[int, int]] = []
             self.seen_rounds = 0
@@ -431,6 +432,7 @@ def node_main(spec: dict[str, Any]) -> None:
                 self.round_starts.append(_counters(iface))
 
         def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            self.step_ends.append(time.perf_counter() - self.start[0])
             strategy = trainer.strategy
             if self.lsgd and strategy.comm.rounds > self.seen_rounds:
                 self.seen_rounds = strategy.comm.rounds
@@ -488,6 +490,7 @@ def node_main(spec: dict[str, Any]) -> None:
             "comm_bytes": meter.comm[0],
             "comm_seconds": meter.comm[1],
             "rounds": meter.rounds,
+            "step_ends": [round(t, 4) for t in meter.step_ends],
         }
         tmp = workdir / f".node{trainer.global_rank}-{k}.tmp"
         tmp.write_text(json.dumps(result))
