@@ -190,6 +190,16 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
         return _expect_error(
             lambda: _fit(rank, world_size, strategy, make_model=lambda: models.DivergingRegressor(rank=1, step=4))
         )
+    if name == "lsgd_fit_then_test":
+        # trainer.test after fit (final_sync=False): the test sees the leader, and each rank keeps its own weights
+        pl.seed_everything(SEED, verbose=False)
+        model = models.Regressor()
+        trainer = _trainer(world_size, _lsgd(), Recorder(), max_steps=STEPS)
+        trainer.fit(model, models.train_loader(world_size))
+        after_fit = {k: v.detach().clone() for k, v in model.net.state_dict().items()}
+        metrics = trainer.test(model, models.val_loader(world_size), verbose=False)[0]
+        after_test = {k: v.detach().clone() for k, v in model.net.state_dict().items()}
+        return {"after_fit": after_fit, "after_test": after_test, "test_loss": float(metrics["test_loss"])}
     if name == "uneven_iterable":
         loader = DataLoader(models.UnevenIterable(), batch_size=models.BATCH)
         trainer = _trainer(world_size, _lsgd(), Recorder(), max_steps=20)

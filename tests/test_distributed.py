@@ -33,6 +33,7 @@ SCENARIOS = [
     "easgd_diverge",
     "dataparallel_diverge",
     "lsgd_repeat",
+    "lsgd_fit_then_test",
     "uneven_iterable",
     "lsgd_accumulate",
     "lsgd_resume",
@@ -176,6 +177,18 @@ def test_lsgd_eval_on_local_validates_each_rank_on_its_shard(job: Path) -> None:
     for rank, result in enumerate(got):
         assert result["val"] == pytest.approx(vals, rel=1e-5)
         assert_states_close(result["state"], workers[rank].net.state_dict(), f"rank {rank}")
+
+
+def test_lsgd_test_after_fit_sees_the_leader_and_keeps_each_rank_its_weights(job: Path) -> None:
+    got = results(job, "lsgd_fit_then_test")
+    workers, _, _ = simulate_lsgd()
+    leader, _ = sim.elect(workers, LSGD["leader_window"])
+    expected = sim.val_loss(workers[leader].net.state_dict(), WORLD)
+    for rank, result in enumerate(got):
+        assert result["test_loss"] == pytest.approx(expected, rel=1e-5)
+        assert_states_close(result["after_fit"], workers[rank].net.state_dict(), f"rank {rank} after fit")
+        for key, value in result["after_fit"].items():
+            assert torch.equal(result["after_test"][key], value), f"rank {rank}: {key} changed by trainer.test"
 
 
 def test_lsgd_final_sync_leaves_every_worker_holding_the_leader(job: Path) -> None:
