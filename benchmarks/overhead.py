@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--taus", default="1,4,16,64", type=int_list)
     parser.add_argument("--steps", type=int, default=64, help="timed steps per run; a multiple of every tau")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each run")
-    parser.add_argument("--budget", type=float, default=660.0, help="seconds of measuring, split over models x P")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds of measuring, split over models x P")
     parser.add_argument("--min-repeats", type=int, default=3)
     parser.add_argument("--max-repeats", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16, help="per worker")
