@@ -1,6 +1,6 @@
 """The paper's comparison: test error against wall-clock time and steps, and who leads (issue 6, item 3).
 
-    # CPU-sized preset (about 11 minutes on 2 cores): CNN7 on a CIFAR-10 subset (1,000 train / 200 test images per
+    # CPU-sized preset (about 10 minutes on 2 cores): CNN7 on a CIFAR-10 subset (1,000 train / 200 test images per
     # class), 4 workers for LSGD, EASGD and DataParallel, plus one worker alone (plain SGD), 100 s of training each
     mkdir -p .data && tar xzf /path/to/cifar10-jpeg.tar.gz -C .data       # train/<class>/*.jpg, test/<class>/*.jpg
     python benchmarks/reproduce.py --data-root .data
