@@ -216,7 +216,13 @@ def run_plan(cluster: Cluster, spec: dict[str, Any], plan: list[dict[str, str]],
     cluster.set_rate(plan[0]["rate"])
     try:
         for i in range(cluster.nodes):
-            node_spec = {**spec, "plan": plan, "iface": cluster.iface(i), "workdir": str(workdir)}
+            node_spec = {
+                **spec,
+                "plan": plan,
+                "iface": cluster.iface(i),
+                "workdir": str(workdir),
+                "parent": os.getpid(),
+            }
             env = _clean_env(
                 NODE_RANK=str(i),
                 MASTER_ADDR=cluster.address(0),
@@ -228,7 +234,15 @@ def run_plan(cluster: Cluster, spec: dict[str, Any], plan: list[dict[str, str]],
             log = open(workdir / f"node{i}.log", "wb")  # noqa: SIM115 (closed in finally)
             logs.append(log)
             cmd = ["ip", "netns", "exec", cluster.node(i), sys.executable, __file__, "--node", json.dumps(node_spec)]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            # Ctrl-C between the fork and the append would leak a worker that `_stop` never sees: hold the signals
+            # (the child inherits the mask; the worker unblocks them first thing).
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+            try:
+                procs.append(
+                    subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                )
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         results = []
         for k, job in enumerate(plan):
             cluster.set_rate(job["rate"])
@@ -399,6 +413,21 @@ def _settled_counters(iface: str, quiet_s: float = 0.3, limit_s: float = 20.0) -
         elif time.monotonic() - since >= quiet_s:
             break
     return last
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker as soon as the orchestrator ``parent`` is gone (even after SIGKILL): never wait forever.
+
+    ``ip netns exec`` replaces itself with this process, so its parent is the orchestrator; when that dies this
+    process is re-parented and ``getppid`` changes.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def node_main(spec: dict[str, Any]) -> None:
@@ -661,7 +690,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.work_dir = args.work_dir or args.out / "work"
     if args.node is not None:
-        node_main(json.loads(args.node))
+        # The orchestrator starts workers with these signals held (see run_plan); they must reach the worker.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+        spec = json.loads(args.node)
+        _exit_with_parent(spec["parent"])
+        node_main(spec)
         return 0
     args.rates = [r.strip() for r in args.rates.split(",") if r.strip()]
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
