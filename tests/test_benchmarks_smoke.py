@@ -99,7 +99,14 @@ def _netcluster(out: Path) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # As in a terminal: a test runner started in the background (CI) inherits SIGINT ignored, and Python then
+        # never raises KeyboardInterrupt, so the Ctrl-C test would interrupt nothing.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_netcluster_runs_or_says_why_not_and_leaves_no_namespace(tmp_path: Path) -> None:
