@@ -29,23 +29,63 @@ scores are all-gathered once per round (P floats); the local leader's weights st
 group; the global leader's weights cross group boundaries once per group (to the rank holding the same position in
 each other group, through a "column" process group) and then fan out inside each group. ``comm/bytes_intra`` and
 ``comm/bytes_inter`` count the two kinds separately (the score all-gather counts as inter-group).
+
+How the leader's weights travel (``leader_broadcast``, single leader). ``"tree"`` (default) is
+``torch.distributed.broadcast``: gloo's tree makes the leader send about log2(P) copies per round, which dominates on
+slow links. ``"chain"`` passes them along the chain of ranks l, l+1, ..., l+P-1 (mod P) with point-to-point sends, in
+``max(16, 2P)`` pieces per bucket so that the hops work as a pipeline: the leader's link carries exactly one copy,
+every middle rank's link one copy in and one out, the last rank's one copy in; the round takes about
+(1 + (P-2)/pieces) copy transfer times. Both deliver the same bytes, so the updates are identical bit for bit.
+``comm/bytes`` counts the same for both, 4·d' + 4·P per round on every rank (d' = parameters and floating buffers,
+integer buffers at their own size): the buffer each rank sends (the leader) or receives into (everyone else); a
+middle rank's forwarding of the copy it received is not counted again.
+
+Overlapping communication with computation (``overlap_steps`` = k >= 1, k < tau, single leader). At round step t the
+scores are all-gathered and the leader l elected as above (P floats, blocking); the leader packs a snapshot
+x_l(t) of its weights, and a background thread sends it (tree or chain) on a process group of its own while every
+worker keeps training. After step t+k (its optimizer step) every non-leader applies the pull toward that snapshot::
+
+    x_i <- x_i(t+k) - pull_strength * (x_i(t+k) - x_l(t))
+
+so the weights pulled toward are k steps stale; integer buffers are copied from the snapshot, the leader does not
+move, and a worker whose score was NaN at t is reset to x_l(t) at t+k. With k < tau at most one round is in flight.
+The round's bytes and ``comm/rounds`` are counted at t; ``comm/seconds`` holds the election plus only the time the
+training loop waits for the transfer (at t+k, normally zero when k steps outlast the transfer); ``lsgd/dist_to_leader``
+(0 on the leader) and ``health/resets`` are logged at t+k. Anything that needs the round's traffic off the wire waits
+for the transfer first, without applying the pull early: evaluation on the leader, checkpoints (the shard keeps the
+received snapshot and its due step, so a resume applies the pull at t+k exactly as the uninterrupted run) and
+teardown. When ``fit`` ends with a round in flight its pull is applied then (staleness below k), before the final
+sync. On an exception the round is abandoned: the daemon thread ends when its sends finish or time out.
+
+Why a thread on a separate process group: a chain must receive a piece before forwarding it, which async collectives
+alone cannot express, and one thread issuing one round's operations on a group nothing else uses keeps the order of
+operations identical on every rank (gloo pairs collectives by issue order, NCCL requires one order per
+communicator), so the user's own collectives (``sync_dist`` logging, barriers) cannot interleave with the round's.
+The c10d calls release the GIL. On CUDA the thread works on a side stream that first waits for the snapshot, and the
+training stream waits for that side stream before the pull; the compute stream is never blocked in between.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from ._comm import payload_bytes
 from ._flat import Bucket
-from ._registration import register_launcher_variants
+from ._registration import log_rank_local, register_launcher_variants
 from .periodic import PeriodicCommunicationStrategy, _check_int
+
+LEADER_BROADCASTS = ("tree", "chain")
 
 
 def elect_leader(scores: Tensor) -> int | None:
@@ -54,6 +94,42 @@ def elect_leader(scores: Tensor) -> int | None:
     if not bool(torch.isfinite(finite).any()):
         return None
     return int(torch.argmin(finite))  # argmin returns the first minimal index
+
+
+def send_along_chain(flats: list[Tensor], src: int, rank: int, world_size: int, group: Any = None) -> None:
+    """Deliver ``src``'s ``flats`` to every rank along the chain src, src+1, ..., src+P-1 (mod P), in place.
+
+    Each bucket is cut into ``max(16, 2P)`` pieces; a rank receives piece j from its predecessor and forwards it
+    (without waiting for the send) before receiving piece j+1, so the hops overlap like a pipeline. Every link
+    carries one copy. Ranks are global ranks; ``group`` must contain all of them.
+    """
+    position = (rank - src) % world_size
+    previous = (rank - 1) % world_size if position > 0 else None
+    following = (rank + 1) % world_size if position < world_size - 1 else None
+    sends = []
+    tag = 0
+    for flat in flats:
+        for piece in flat.tensor_split(min(flat.numel(), max(16, 2 * world_size))):
+            # A tag per piece: each send is matched to its own receive, whatever the arrival order.
+            if previous is not None:
+                dist.recv(piece, src=previous, group=group, tag=tag)
+            if following is not None:
+                sends.append(dist.isend(piece, dst=following, group=group, tag=tag))
+            tag += 1
+    for work in sends:
+        work.wait()
+
+
+@dataclass
+class _InFlightRound:
+    """An overlapped round: the leader's snapshot travelling (``thread`` alive) or arrived, its pull due at ``due``."""
+
+    flats: list[Tensor]  # the leader's packed weights at the round's step (received in place on the others)
+    leader: int
+    due: int  # the optimizer step after which the pull is applied
+    reset: bool  # this rank's score was NaN at the round: it takes the snapshot instead of pulling toward it
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
 
 
 def default_local_tau(tau: int) -> int:
@@ -78,6 +154,11 @@ class LSGDStrategy(PeriodicCommunicationStrategy):
         local_pull_strength: pull toward the local leader, in [0, 1]. Default: ``pull_strength``. Only with
             ``group_size``.
         bucket_cap_mb: largest flat buffer per collective, in MiB.
+        overlap_steps: 0 (default) runs each round blocking; k in [1, tau) sends the leader's weights in the
+            background and applies the pull toward them (then k steps old) k steps after the election. Single
+            leader only.
+        leader_broadcast: ``"tree"`` (default, ``torch.distributed.broadcast``) or ``"chain"`` (point-to-point
+            along leader -> next rank -> ...; the leader's link carries one copy). Single leader only.
         **ddp_kwargs: process-group arguments of Lightning's ``DDPStrategy`` (``start_method``, ``timeout``,
             ``cluster_environment``, ``process_group_backend``, ...).
 
@@ -100,9 +181,20 @@ class LSGDStrategy(PeriodicCommunicationStrategy):
         local_tau: int | None = None,
         local_pull_strength: float | None = None,
         bucket_cap_mb: float = 25.0,
+        overlap_steps: int = 0,
+        leader_broadcast: str = "tree",
         **ddp_kwargs: Any,
     ) -> None:
         _check_fraction("pull_strength", pull_strength)
+        _check_int("overlap_steps", overlap_steps, minimum=0)
+        if leader_broadcast not in LEADER_BROADCASTS:
+            raise ValueError(f"leader_broadcast must be 'tree' or 'chain', got {leader_broadcast!r}.")
+        if group_size is not None and (overlap_steps > 0 or leader_broadcast != "tree"):
+            raise ValueError(
+                f"overlap_steps={overlap_steps} and leader_broadcast={leader_broadcast!r} need group_size=None: "
+                "overlapped rounds and the chain broadcast are single-leader options (multi-leader rounds already "
+                "keep most traffic inside the groups)."
+            )
         if group_size is None:
             for name, value in (("local_tau", local_tau), ("local_pull_strength", local_pull_strength)):
                 if value is not None:
@@ -131,6 +223,16 @@ class LSGDStrategy(PeriodicCommunicationStrategy):
         )
         if self.local_tau is not None and tau % self.local_tau != 0:
             raise ValueError(f"tau ({tau}) must be a multiple of local_tau ({self.local_tau}).")
+        if overlap_steps >= tau:
+            raise ValueError(
+                f"overlap_steps ({overlap_steps}) must be smaller than tau ({tau}): a round's pull must land before "
+                "the next round starts, so that at most one round is in flight."
+            )
+        self.overlap_steps = overlap_steps
+        self.leader_broadcast = leader_broadcast
+        self._in_flight: _InFlightRound | None = None
+        self._transfer_group: Any = None  # the overlapped rounds' own process group (all ranks)
+        self._transfer_stream: Any = None  # CUDA only: the side stream the transfer thread works on
         self.groups: list[list[int]] = []  # global ranks of each group (multi-leader only)
         self._row_group: Any = None  # this rank's group
         self._column_groups: list[Any] = []  # column j: the j-th rank of every group
@@ -168,6 +270,11 @@ class LSGDStrategy(PeriodicCommunicationStrategy):
         super().setup(trainer)
         if self.multi_leader and not self.groups and self.world_size > 1:
             self._create_groups()
+        if self.overlap_steps > 0 and self._transfer_group is None and self.world_size > 1:
+            # Every rank sets up the same Trainer runs, so all of them create this group together.
+            self._transfer_group = dist.new_group(timeout=self._timeout)
+            if self.root_device.type == "cuda":
+                self._transfer_stream = torch.cuda.Stream(self.root_device)
 
     def _create_groups(self) -> None:
         """One process group per worker group and one per column; every rank creates all of them, in one order."""
@@ -188,8 +295,12 @@ class LSGDStrategy(PeriodicCommunicationStrategy):
     # ------------------------------------------------------------------------------------------------------------
     # Rounds
     # ------------------------------------------------------------------------------------------------------------
-    def _round_due(self, step: int) -> bool:
+    def _round_step(self, step: int) -> bool:
         return step % (self.local_tau or self.tau) == 0
+
+    def _round_due(self, step: int) -> bool:
+        # Also the step at which an overlapped round's pull lands (`_communication_round` tells the two apart).
+        return self._round_step(step) or (self._in_flight is not None and step >= self._in_flight.due)
 
     def _comm_metrics(self) -> dict[str, float]:
         return self.comm.metrics(by_scope=self.multi_leader)
@@ -204,6 +315,11 @@ class LSGDStrategy(PeriodicCommunicationStrategy):
 
     def _broadcast_flats(self, src: int, group: Any = None, scope: str | None = None) -> list[Tensor]:
         """``src``'s packed weights on every rank of ``group`` (``src`` sends its own)."""
+        if self.leader_broadcast == "chain" and group is None:
+            flats = self._snapshot(src)
+            with self.comm.timed(self.root_device):
+                send_along_chain(flats, src, self.global_rank, self.world_size)
+            return flats
         collectives = self.collectives
         flats = []
         for bucket in self.layout.buckets:
@@ -211,13 +327,32 @@ class LSGDStrategy(PeriodicCommunicationStrategy):
             flats.append(collectives.broadcast(flat, src=src, group=group, scope=scope))
         return flats
 
-    def _communication_round(self) -> dict[str, float] | None:
-        if self.multi_leader:
-            return self._multi_leader_round()
+    def _snapshot(self, src: int) -> list[Tensor]:
+        """``src``'s packed weights now (on ``src``) or buffers to receive them (elsewhere), counted in ``comm``."""
+        flats = [bucket.pack() if self.global_rank == src else bucket.empty() for bucket in self.layout.buckets]
+        for flat in flats:
+            self.comm.count(payload_bytes(flat))
+        return flats
+
+    def _elect(self) -> tuple[Tensor, int | None]:
         scores = self._gather_scores()
         leader = elect_leader(scores)
         if leader is None:
             rank_zero_warn(f"LSGD round after step {self.steps} skipped: no worker has a finite training loss.")
+        return scores, leader
+
+    def _communication_round(self) -> dict[str, float] | None:
+        in_flight = self._in_flight
+        if in_flight is not None and (self._steps >= in_flight.due or self._round_step(self._steps)):
+            self._complete_round(log=True)
+        if not self._round_step(self._steps):
+            return None  # only an overlapped round's pull was due
+        if self.multi_leader:
+            return self._multi_leader_round()
+        if self.overlap_steps > 0:
+            return self._start_round()
+        scores, leader = self._elect()
+        if leader is None:
             return None
         leader_flats = self._broadcast_flats(leader)
         metrics = {"lsgd/leader": float(leader), "lsgd/leader_score": float(scores[leader])}
@@ -299,7 +434,140 @@ class LSGDStrategy(PeriodicCommunicationStrategy):
             _unpack_if_moved(bucket, own, moved)
         return [math.sqrt(float(s)) for s in squared]
 
+    # ------------------------------------------------------------------------------------------------------------
+    # Overlapped rounds
+    # ------------------------------------------------------------------------------------------------------------
+    def _start_round(self) -> dict[str, float] | None:
+        """Elect (blocking), snapshot the leader's weights and send them in the background; the pull waits."""
+        scores, leader = self._elect()
+        if leader is None:
+            return None
+        round_ = _InFlightRound(
+            flats=self._snapshot(leader),
+            leader=leader,
+            due=self._steps + self.overlap_steps,
+            reset=bool(torch.isnan(scores[self.global_rank])),
+        )
+        ready = None
+        if self._transfer_stream is not None:  # the side stream must not read the snapshot before it is packed
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.root_device))
+        round_.thread = threading.Thread(
+            target=self._transfer, args=(round_, ready), name=f"lsgd-round-{self._steps}", daemon=True
+        )
+        self._in_flight = round_
+        round_.thread.start()
+        return {"lsgd/leader": float(leader), "lsgd/leader_score": float(scores[leader])}
+
+    def _transfer(self, round_: _InFlightRound, ready: Any) -> None:
+        """The transfer thread: deliver the snapshot on the round's own process group; errors go to the round."""
+        try:
+            if ready is None:
+                self._send(round_)
+            else:
+                with torch.cuda.device(self.root_device), torch.cuda.stream(self._transfer_stream):
+                    self._transfer_stream.wait_event(ready)
+                    self._send(round_)
+        except BaseException as error:  # re-raised in the training thread by finish_transfer
+            round_.error = error
+
+    def _send(self, round_: _InFlightRound) -> None:
+        if self.leader_broadcast == "chain":
+            send_along_chain(round_.flats, round_.leader, self.global_rank, self.world_size, self._transfer_group)
+            return
+        for flat in round_.flats:
+            dist.broadcast(flat, src=round_.leader, group=self._transfer_group)
+
+    def finish_transfer(self) -> None:
+        """Wait until the in-flight round's weights have arrived; its pull stays due at its step.
+
+        A no-op without an overlapped round in flight. Raises the transfer's error, if it failed. The wait is
+        bounded by the collective timeout and counted in ``comm/seconds``.
+        """
+        round_ = self._in_flight
+        if round_ is None or round_.thread is None:
+            return
+        with self.comm.timed(self.root_device):
+            round_.thread.join()
+            if self._transfer_stream is not None:
+                torch.cuda.current_stream(self.root_device).wait_stream(self._transfer_stream)
+        round_.thread = None
+        if round_.error is not None:
+            self._in_flight = None
+            raise round_.error
+
+    def _complete_round(self, log: bool) -> None:
+        """Apply the in-flight round's pull now: x <- x - pull_strength (x - x_leader(t)) on every non-leader."""
+        self.finish_transfer()
+        round_, self._in_flight = self._in_flight, None
+        assert round_ is not None
+        metrics: dict[str, float] = {}
+        if round_.reset:
+            self._reset_to(round_.flats, "leader")
+        elif self.global_rank == round_.leader:
+            metrics["lsgd/dist_to_leader"] = 0.0  # the leader does not move
+        else:
+            metrics["lsgd/dist_to_leader"] = self._pull([(round_.flats, self.pull_strength)], copy_from=0)[0]
+        metrics["health/resets"] = float(self.resets)
+        self.round_metrics.update(metrics)
+        if log:
+            log_rank_local(self.lightning_module, metrics)
+
+    def _abandon_round(self) -> None:
+        # Joining could wait for peers that are gone; the daemon thread ends when its sends finish or time out.
+        self._in_flight = None
+
+    def _on_fresh_start(self) -> None:
+        self._in_flight = None
+
+    def _extra_state_dict(self) -> dict[str, Any]:
+        """A round in flight: its snapshot (arrived: the transfer is waited for) and when its pull is due."""
+        if self._in_flight is None:
+            return {}
+        self.finish_transfer()
+        round_ = self._in_flight
+        return {
+            "in_flight": {
+                "flats": [flat.detach().cpu() for flat in round_.flats],
+                "leader": round_.leader,
+                "due": round_.due,
+                "reset": round_.reset,
+            }
+        }
+
+    def _load_extra_state_dict(self, state: Any) -> None:
+        saved = state.get("in_flight")
+        self._in_flight = None
+        if saved is not None:
+            flats = [flat.to(bucket.device) for flat, bucket in zip(saved["flats"], self.layout.buckets)]
+            self._in_flight = _InFlightRound(flats, int(saved["leader"]), int(saved["due"]), bool(saved["reset"]))
+
+    def on_train_end(self) -> None:
+        if self._in_flight is not None:  # fit ended inside an overlapped round: land its pull before the final sync
+            self._complete_round(log=False)  # Lightning allows no self.log in on_train_end
+        super().on_train_end()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._abandon_round()
+        super().on_exception(exception)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        self.finish_transfer()  # before the checkpoint's own collectives; the shard keeps the pending pull
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def teardown(self) -> None:
+        try:
+            self.finish_transfer()  # nothing is in flight after fit or an exception; this only guards other paths
+        finally:
+            super().teardown()
+
+    @property
+    def round_in_flight(self) -> bool:
+        """Whether an overlapped round has started and its pull has not been applied yet."""
+        return self._in_flight is not None
+
     def _reference_weights(self) -> list[Tensor]:
+        self.finish_transfer()  # evaluation, final sync and checkpoints see the round's traffic off the wire
         leader = elect_leader(self._gather_scores())
         if leader is None:
             rank_zero_warn("No worker has a finite training loss; rank 0 stands in as the leader.")
