@@ -26,11 +26,11 @@ What is measured, per job:
   parameters + floating buffers). Gloo's ``broadcast`` is a tree in which the root sends several copies.
 
 Configurations: ``floor`` (each node alone, no communication), ``lsgd``, ``easgd`` (both ``--tau``), ``dataparallel``,
-and two prototypes defined in this file (not part of the package; they show what a change in ``LSGDStrategy`` would
-buy): ``lsgd-chain`` sends the leader's weights as a chunked pipeline along a chain starting at the leader (its link
-carries one copy), and ``lsgd-overlap`` additionally runs that chain in a background thread while the workers keep
-training, applying the pull ``tau // 2`` steps later (a delayed pull: a different algorithm whose accuracy is not
-measured here).
+and two options of ``LSGDStrategy``: ``lsgd-chain`` (``leader_broadcast="chain"``: the leader's weights travel as a
+pipeline along a chain starting at the leader, so its link carries one copy) and ``lsgd-overlap`` (additionally
+``overlap_steps=tau // 2``: that chain runs in the background while the workers keep training, and the pull is
+applied ``tau // 2`` steps later, toward weights that are then ``tau // 2`` steps old: a different algorithm whose
+accuracy is not measured here). The epoch time of ``lsgd-overlap`` includes waiting for the last round's transfer.
 
 Needs Linux, root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and iproute2 (``ip``, ``tc``); without them it prints why and exits
 0 without measuring. Every namespace it creates is deleted at the end, also on Ctrl-C or SIGTERM; namespaces left by
@@ -281,103 +281,8 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 # ====================================================================================================================
-# The node worker (runs inside a namespace): strategies, prototypes, measurement callback
+# The node worker (runs inside a namespace): strategies, measurement callback
 # ====================================================================================================================
-
-
-def _lsgd_prototypes() -> tuple[type, type]:
-    """The two prototype strategies (built lazily: the orchestrator never imports torch or Lightning)."""
-    import torch.distributed as dist
-
-    from lsgd_lightning import LSGDStrategy
-    from lsgd_lightning.strategies._comm import payload_bytes
-    from lsgd_lightning.strategies.lsgd import elect_leader
-
-    class ChainLSGD(LSGDStrategy):
-        """LSGD whose leader broadcast is a chunked pipeline along the chain leader, leader+1, ... (mod P).
-
-        The leader's link carries one copy; each other node receives one copy and forwards it once (the last one
-        only receives). The time is about one copy's transfer time plus (P - 2) chunks.
-        """
-
-        chunks = 16
-
-        def _chain(self, flats: list[Any], src: int) -> None:
-            world, rank = self.world_size, self.global_rank
-            order = [(src + k) % world for k in range(world)]
-            position = order.index(rank)
-            prev = order[position - 1] if position > 0 else None
-            nxt = order[position + 1] if position + 1 < world else None
-            pending = []
-            for flat in flats:
-                for chunk in flat.tensor_split(min(self.chunks, flat.numel())):
-                    if prev is not None:
-                        dist.recv(chunk, src=prev)
-                    if nxt is not None:
-                        pending.append(dist.isend(chunk, dst=nxt))
-            for work in pending:
-                work.wait()
-
-        def _broadcast_flats(self, src: int, group: Any = None, scope: str | None = None) -> list[Any]:
-            if group is not None or self.world_size < 3:
-                return super()._broadcast_flats(src, group, scope)
-            flats = [b.pack() if self.global_rank == src else b.empty() for b in self.layout.buckets]
-            for flat in flats:
-                self.comm.count(payload_bytes(flat), scope)
-            with self.comm.timed(self.root_device):
-                self._chain(flats, src)
-            return flats
-
-    class OverlapLSGD(ChainLSGD):
-        """ChainLSGD with the chain run in a background thread; the pull is applied ``tau // 2`` steps later.
-
-        The scores are gathered synchronously (P floats) and the leader sends a snapshot of its weights; the other
-        workers keep training and, at step t + tau // 2, move toward that snapshot: x <- x - λ (x - x_leader(t)).
-        The leader does not move. ``comm/seconds`` counts only the time the training thread waits.
-        """
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._pending: tuple[threading.Thread, list[Any], int, int] | None = None
-
-        def _communication_round(self) -> dict[str, float] | None:
-            self._finish_pending()
-            scores = self._gather_scores()
-            leader = elect_leader(scores)
-            if leader is None:
-                return None
-            flats = [b.pack() if self.global_rank == leader else b.empty() for b in self.layout.buckets]
-            for flat in flats:
-                self.comm.count(payload_bytes(flat))
-            thread = threading.Thread(target=self._chain, args=(flats, leader), daemon=True)
-            thread.start()
-            self._pending = (thread, flats, leader, self.steps + max(1, self.tau // 2))
-            return {"lsgd/leader": float(leader), "lsgd/leader_score": float(scores[leader])}
-
-        def _finish_pending(self) -> None:
-            if self._pending is None:
-                return
-            thread, flats, leader, _ = self._pending
-            self._pending = None
-            with self.comm.timed(self.root_device):
-                thread.join()
-            if self.global_rank != leader:
-                self._pull([(flats, self.pull_strength)], copy_from=0)
-
-        def training_step(self, *args: Any, **kwargs: Any) -> Any:
-            if self._pending is not None and self.steps >= self._pending[3]:
-                self._finish_pending()
-            return super().training_step(*args, **kwargs)
-
-        def _reference_weights(self) -> list[Any]:
-            self._finish_pending()
-            return super()._reference_weights()
-
-        def teardown(self) -> None:
-            self._finish_pending()
-            super().teardown()
-
-    return ChainLSGD, OverlapLSGD
 
 
 def _strategy(spec: dict[str, Any]) -> Any:
@@ -393,8 +298,8 @@ def _strategy(spec: dict[str, Any]) -> Any:
         return EASGDStrategy(tau=tau, final_sync=False, timeout=timeout)
     if name == "dataparallel":
         return DataParallelStrategy(timeout=timeout)
-    chain, overlap = _lsgd_prototypes()
-    return (chain if name == "lsgd-chain" else overlap)(tau=tau, final_sync=False, timeout=timeout)
+    overlap = tau // 2 if name == "lsgd-overlap" else 0
+    return LSGDStrategy(tau=tau, final_sync=False, timeout=timeout, leader_broadcast="chain", overlap_steps=overlap)
 
 
 def _counters(iface: str) -> tuple[int, int]:
@@ -469,9 +374,8 @@ def node_main(spec: dict[str, Any]) -> None:
 
         def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
             strategy = trainer.strategy
-            finish = getattr(strategy, "_finish_pending", None)
-            if finish is not None:
-                finish()  # the overlapped prototype's last round belongs to this epoch
+            if self.lsgd:
+                strategy.finish_transfer()  # an overlapped round's last transfer belongs to this epoch
             self.seconds = time.perf_counter() - self.start[0]
             self.comm = (strategy.comm.bytes - self.start[3], strategy.comm.seconds, strategy.comm.rounds)
             self.end = _settled_counters(iface)
