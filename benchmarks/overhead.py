@@ -1,12 +1,15 @@
 """Step time and communication of each strategy, measured side by side in one run (issue 6, item 1).
 
-    python benchmarks/overhead.py        # CPU-sized default: CNN7 and ResNet20, P = 2 and 4 (~12 min on 2 cores)
+    python benchmarks/overhead.py        # CPU-sized default: CNN7 and ResNet20, P = 2 and 4 (~17 min on 2 cores)
     python benchmarks/overhead.py --models cnn7 --workers 4 --taus 1,4,16,64 --budget 300
+    python benchmarks/overhead.py --strategies lsgd,easgd,dataparallel,ddp   # issue 6's set only (~12 min)
 
 What is measured. For each worker count P, one job of P local processes (launched like ``torchrun`` would, so
 Lightning sees an external launch) trains every configuration in turn on the same process group: the *floor*
 (each worker alone: LSGD with no round ever due, so no communication at all), LSGD and EASGD at each tau,
-DataParallel and Lightning's own ``"ddp"``. Each run is a fresh ``Trainer.fit`` of ``--warmup + --steps`` optimizer
+DataParallel, Lightning's own ``"ddp"``, and the strategies that communicate after every step: D-PSGD on the ring and
+on the exponential (one shifting peer) topology, D² (its default lazy ring), AD-PSGD (ring) and Signum (``--strategies``
+picks a subset; the floor always runs). Each run is a fresh ``Trainer.fit`` of ``--warmup + --steps`` optimizer
 steps on CIFAR-shaped synthetic images (compute time does not depend on pixel values). Configurations are
 interleaved and their order rotated on every repeat (after one untimed run that absorbs the process's
 one-off start-up costs), so drift on a noisy, shared machine hits them all alike.
@@ -23,6 +26,14 @@ one-off start-up costs), so drift on a noisy, shared machine hits them all alike
   (4·d' + 8·k + 4·P)/tau, where d' = parameters + floating-point buffers (BatchNorm statistics travel with the weights)
   and k = integer buffers (BatchNorm's int64 step counters, copied from the leader). For CNN7 (no buffers) d' = d.
   ``"ddp"`` has no meter: its payload is DataParallel's gradient all-reduce, 4·d (the formula is shown).
+  The gossip strategies send their floating-point state to each peer they send to, point to point: D-PSGD's ring
+  and D² 4·d' per neighbour, i.e. 8·d' (with P = 2 both ring neighbours are the same worker, which is sent to
+  once: 4·d'); D-PSGD's exponential topology 4·d' (one peer); AD-PSGD 4·d' for rank 0 (an active worker sends to
+  its one partner; a passive one serving several actives would send more). Signum all-gathers the packed signs of
+  the d parameters: 4·ceil(d/32) bytes (about d/8).
+- Optimizer: the model's SGD (lr 0.05, Nesterov momentum 0.9, weight decay 1e-4) everywhere except where a strategy
+  refuses it: D² runs with momentum 0 and Signum without Nesterov (see ``OPTIMIZERS``). One SGD step costs the same
+  either way up to an O(d) momentum update, far below a forward/backward pass.
 - Comm ms/step: rank 0's wall time inside those collectives per step (for DataParallel, from the launch of each
   gradient bucket's all-reduce to its completion, which overlaps the backward pass).
 
@@ -33,9 +44,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -61,17 +74,40 @@ from _common import (
     set_external_launch_env,
     str_list,
 )
-from lsgd_lightning import DataParallelStrategy, EASGDStrategy, LSGDStrategy
+from lsgd_lightning import (
+    ADPSGDStrategy,
+    D2Strategy,
+    DataParallelStrategy,
+    DPSGDStrategy,
+    EASGDStrategy,
+    LSGDStrategy,
+    SignumStrategy,
+)
 from lsgd_lightning.models import ImageClassifier
 
 NO_ROUND = 10**9  # a tau no run reaches: local SGD with the strategy's bookkeeping, no communication
 TOLERANCE = 0.05  # the issue's targets: within 5%
+STRATEGIES = ("lsgd", "easgd", "dataparallel", "ddp", "dpsgd", "d2", "adpsgd", "signum")  # besides the floor
+DPSGD_TOPOLOGIES = ("ring", "exponential")
+FORMULAS = (
+    "DataParallel and ddp 4·d; EASGD 4·d'/tau; LSGD (4·d' + integer-buffer bytes + 4·P)/tau; D-PSGD ring and D² "
+    "(lazy ring) 4·d' per distinct neighbour (8·d', or 4·d' with P = 2); D-PSGD exponential and AD-PSGD 4·d' (one "
+    "peer); Signum 4·ceil(d/32) (packed signs)"
+)
+RING_SENDERS = ("dpsgd", "d2")  # send to every ring neighbour (D² always runs on its default lazy ring)
+
+# ImageClassifier's SGD settings where a strategy refuses the default (lr 0.05, Nesterov momentum 0.9), and why.
+OPTIMIZERS: dict[str, tuple[dict[str, Any], str]] = {
+    "d2": ({"momentum": 0.0, "nesterov": False}, "D² refuses momentum and Nesterov"),
+    "signum": ({"nesterov": False, "lr": 1e-3}, "Signum refuses Nesterov; a sign step moves every weight by lr"),
+}
 
 
 @dataclass(frozen=True)
 class Config:
-    name: str  # floor | lsgd | easgd | dataparallel | ddp
+    name: str  # floor | lsgd | easgd | dataparallel | ddp | dpsgd | d2 | adpsgd | signum
     tau: int | None = None
+    topology: str | None = None  # dpsgd: ring | exponential
 
     def strategy(self, timeout_s: float) -> pl.strategies.Strategy:
         timeout = timedelta(seconds=timeout_s)
@@ -83,20 +119,41 @@ class Config:
             return EASGDStrategy(tau=self.tau, final_sync=False, timeout=timeout)
         if self.name == "dataparallel":
             return DataParallelStrategy(timeout=timeout)
+        if self.name == "dpsgd":
+            return DPSGDStrategy(topology=self.topology, final_sync=False, timeout=timeout)
+        if self.name == "d2":
+            return D2Strategy(final_sync=False, timeout=timeout)
+        if self.name == "adpsgd":
+            return ADPSGDStrategy(final_sync=False, timeout=timeout)
+        if self.name == "signum":
+            return SignumStrategy(final_sync=False, timeout=timeout)
         return pl.strategies.DDPStrategy(timeout=timeout)
 
     @property
+    def optimizer(self) -> dict[str, Any]:
+        """ImageClassifier keyword arguments that replace the default SGD settings for this configuration."""
+        return OPTIMIZERS.get(self.name, ({}, ""))[0]
+
+    @property
     def label(self) -> str:
-        return f"{self.name} tau={self.tau}" if self.tau else self.name
+        if self.tau:
+            return f"{self.name} tau={self.tau}"
+        return f"{self.name} {self.topology}" if self.topology else self.name
 
 
-def configs(taus: list[int]) -> list[Config]:
-    return (
-        [Config("floor")]
-        + [Config("lsgd", t) for t in taus]
-        + [Config("easgd", t) for t in taus]
-        + [Config("dataparallel"), Config("ddp")]
-    )
+def configs(taus: list[int], strategies: Sequence[str] = STRATEGIES) -> list[Config]:
+    """The floor, then each chosen strategy's configurations (LSGD, EASGD: one per tau; D-PSGD: one per topology)."""
+    plan = [Config("floor")]
+    for name in STRATEGIES:
+        if name not in strategies:
+            continue
+        if name in ("lsgd", "easgd"):
+            plan += [Config(name, t) for t in taus]
+        elif name == "dpsgd":
+            plan += [Config(name, topology=t) for t in DPSGD_TOPOLOGIES]
+        else:
+            plan.append(Config(name))
+    return plan
 
 
 @dataclass(frozen=True)
@@ -119,10 +176,18 @@ class ModelSize:
         )
 
     def formula_bytes_per_step(self, config: Config, world_size: int) -> float:
+        """Rank 0's payload per step (see the module docstring)."""
         if config.name == "floor":
             return 0.0
         if config.name in ("dataparallel", "ddp"):
             return 4.0 * self.params
+        if config.name == "signum":
+            # One all-gather per bucket_cap_mb of coordinates, each a multiple of 32: the words add up to ceil(d/32).
+            return 4.0 * math.ceil(self.params / 32) if world_size > 1 else 0.0
+        if config.name in RING_SENDERS and config.topology != "exponential":
+            return 4.0 * self.float_state * min(2, world_size - 1)  # distinct ring neighbours: 1 with P = 2
+        if config.name in ("dpsgd", "adpsgd"):
+            return 4.0 * self.float_state if world_size > 1 else 0.0  # one peer per step
         assert config.tau is not None
         if config.name == "easgd":
             return 4.0 * self.float_state / config.tau
@@ -191,7 +256,7 @@ def measure(world_size: int, arch: str, config: Config, args: argparse.Namespace
         enable_model_summary=False,
         callbacks=[meter],
     )
-    model = ImageClassifier(arch=arch, image_size=args.image_size)
+    model = ImageClassifier(arch=arch, image_size=args.image_size, **config.optimizer)
     data = DataLoader(synthetic_images(args.batch_size * world_size * steps, args.image_size), args.batch_size)
     trainer.fit(model, data)
     seconds, nbytes, comm_seconds = meter.per_step()
@@ -211,19 +276,19 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace, rows
     set_external_launch_env(rank, world_size, port, threads)
     torch.set_num_threads(threads)
     quiet_warnings()
-    plan = configs(args.taus)
+    plan = configs(args.taus, args.strategies)
     share = args.budget / (len(args.models) * len(args.workers))
     for arch in args.models:
         measure(world_size, arch, plan[0], args)  # untimed: the first run in a process pays one-off start-up costs
         start, repeat, go_on = time.monotonic(), 0, True
         while go_on:
-            shift = (repeat * 7) % len(plan)  # 7 is prime to the plan's length in the default: every position varies
+            shift = (repeat * 7) % len(plan)  # 7 is prime to the default plan's 16: every position varies
             for config in plan[shift:] + plan[:shift]:
                 seconds, per_step, comm_seconds = measure(world_size, arch, config, args)
                 if rank == 0:
                     rows.append(asdict(Run(arch, world_size, config.label, repeat, seconds, per_step, comm_seconds)))
                     print(
-                        f"{arch} P={world_size} {config.label:<16} repeat {repeat}: {seconds * 1e3:7.1f} ms/step",
+                        f"{arch} P={world_size} {config.label:<18} repeat {repeat}: {seconds * 1e3:7.1f} ms/step",
                         flush=True,
                     )
             repeat += 1
@@ -250,7 +315,7 @@ def summarize(runs: list[Run], args: argparse.Namespace, meta: dict[str, str]) -
         writer.writeheader()
         writer.writerows(asdict(run) for run in runs)
 
-    plan = {c.label: c for c in configs(args.taus)}
+    plan = {c.label: c for c in configs(args.taus, args.strategies)}
     sections, verdicts, plot = [], [], {}
     for arch in args.models:
         size = ModelSize.of(arch, args.image_size)
@@ -299,6 +364,11 @@ def summarize(runs: list[Run], args: argparse.Namespace, meta: dict[str, str]) -
             verdicts += _verdicts(f"{arch}, P={world_size}", median, best, entry)
 
     meta["load_end"] = load_average()
+    optimizers = "; ".join(
+        f"{name}: {', '.join(f'{k}={v}' for k, v in changes.items())} ({why})"
+        for name, (changes, why) in OPTIMIZERS.items()
+        if name in args.strategies
+    )
     settings = (
         f"{args.steps} timed steps after {args.warmup} warm-up steps per run, batch {args.batch_size} per worker, "
         f"{args.image_size}x{args.image_size} synthetic images, {args.min_repeats}..{args.max_repeats} repeats "
@@ -308,7 +378,11 @@ def summarize(runs: list[Run], args: argparse.Namespace, meta: dict[str, str]) -
     text = (
         "## Step time and bytes per step\n\n"
         + metadata_markdown(meta)
-        + f"- settings: {settings}\n\n"
+        + f"- settings: {settings}\n"
+        + "- optimizer: SGD lr 0.05, Nesterov momentum 0.9, weight decay 1e-4 (the model's default)"
+        + (f"; changed where a strategy refuses it: {optimizers}" if optimizers else "")
+        + "\n"
+        + f"- formulas (rank 0's payload per step): {FORMULAS}\n\n"
         + "\n".join(sections)
         + "\n### Targets\n\n"
         + markdown_table(["target", "measured: medians (best runs)", "verdict"], verdicts)
@@ -343,13 +417,14 @@ def _verdicts(where: str, median: dict[str, float], best: dict[str, float], entr
                 best["lsgd tau=16"] / best["floor"],
             )
         )
-    verdicts.append(
-        _ratio_verdict(
-            f"{where}: DataParallel within 5% of ddp",
-            median["dataparallel"] / median["ddp"],
-            best["dataparallel"] / best["ddp"],
+    if "dataparallel" in median and "ddp" in median:
+        verdicts.append(
+            _ratio_verdict(
+                f"{where}: DataParallel within 5% of ddp",
+                median["dataparallel"] / median["ddp"],
+                best["dataparallel"] / best["ddp"],
+            )
         )
-    )
     metered = [(m, f) for _, _, m, f in entry.values() if m == m]
     exact = sum(_exact(m, f) for m, f in metered)
     verdicts.append(
@@ -362,6 +437,10 @@ def _verdicts(where: str, median: dict[str, float], best: dict[str, float], entr
     return verdicts
 
 
+COLORS = {"floor": "tab:gray", "lsgd": "tab:green", "easgd": "tab:orange", "dpsgd": "tab:blue", "d2": "tab:purple"}
+COLORS |= {"adpsgd": "tab:cyan", "signum": "tab:brown"}  # DataParallel and ddp: red
+
+
 def _plot(plot: dict[str, dict[str, tuple]], path: Path) -> None:
     plt = pyplot()
     if plt is None or not plot:
@@ -370,8 +449,7 @@ def _plot(plot: dict[str, dict[str, tuple]], path: Path) -> None:
     for (left, right), (title, entry) in zip(axes, plot.items()):
         labels = list(entry)
         xs = range(len(labels))
-        colors = ["tab:gray" if lab == "floor" else "tab:green" if lab.startswith("lsgd") else "tab:orange"
-                  if lab.startswith("easgd") else "tab:red" for lab in labels]  # fmt: skip
+        colors = [COLORS.get(lab.split()[0], "tab:red") for lab in labels]
         left.bar(xs, [entry[lab][0] for lab in labels], color=colors)
         for x, lab in zip(xs, labels):
             left.plot([x] * len(entry[lab][1]), entry[lab][1], "k.", markersize=3)
@@ -394,6 +472,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="cnn7,resnet20", type=str_list, help="cnn7, resnet20, vgg16, resnet50")
     parser.add_argument("--workers", default="2,4", type=int_list, help="worker counts P (one job each)")
     parser.add_argument("--taus", default="1,4,16,64", type=int_list)
+    parser.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        type=str_list,
+        help=f"besides the floor: {', '.join(STRATEGIES)} (dpsgd runs both of {', '.join(DPSGD_TOPOLOGIES)})",
+    )
     parser.add_argument("--steps", type=int, default=64, help="timed steps per run; a multiple of every tau")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each run")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds of measuring, split over models x P")
@@ -409,6 +493,11 @@ def main(argv: list[str] | None = None) -> None:
     bad = [tau for tau in args.taus if tau < 1 or args.steps % tau]
     if bad or args.steps < 1 or args.warmup < 1 or not 1 <= args.min_repeats <= args.max_repeats:
         parser.error(f"--steps ({args.steps}) must be a multiple of every tau (not of {bad}); 1 <= min <= max repeats")
+    unknown = [s for s in args.strategies if s not in STRATEGIES]
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+    if "adpsgd" in args.strategies and any(p % 2 for p in args.workers):
+        parser.error("adpsgd runs on a ring, which needs an even number of workers: drop it or the odd P")
 
     meta = run_metadata([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     start = time.perf_counter()

@@ -43,13 +43,20 @@ def test_overhead_runs_and_bytes_match_the_formulas(tmp_path: Path) -> None:
         *("--budget", "0", "--min-repeats", "1", "--max-repeats", "1", "--out", str(tmp_path)),
     )
     text = (tmp_path / "overhead.md").read_text()
-    for label in ("floor", "lsgd tau=2", "easgd tau=2", "dataparallel", "ddp"):
+    labels = ("floor", "lsgd tau=2", "easgd tau=2", "dataparallel", "ddp", "dpsgd ring", "dpsgd exponential", "d2")
+    for label in (*labels, "adpsgd", "signum"):
         assert f"| {label} |" in text
-    # floor, LSGD, EASGD and DataParallel are metered; their bytes per step are exact, whatever the timing noise
-    assert "| cnn7, P=2: bytes/step match the formulas | 4/4 metered configurations exact | met |" in text
+    # Everything but "ddp" is metered; bytes per step are exact, whatever the timing noise. CNN7 has no buffers,
+    # d' = d: with P = 2 every gossip strategy sends its 4·d bytes to the one other worker, Signum 4·ceil(d/32).
+    assert "| cnn7, P=2: bytes/step match the formulas | 9/9 metered configurations exact | met |" in text
+    d = 351_946
+    for label in ("dpsgd ring", "dpsgd exponential", "d2", "adpsgd"):
+        assert re.search(rf"\| {label} \|.*\| {4 * d:,} \| {4 * d:,} \| yes \|", text), label
+    assert re.search(rf"\| signum \|.*\| {4 * -(-d // 32):,} \| {4 * -(-d // 32):,} \| yes \|", text)
+    assert "d2: momentum=0.0, nesterov=False" in text  # the optimizer each strategy needs, said in the report
     assert "- command: `python benchmarks/overhead.py --models cnn7" in text
     assert (tmp_path / "overhead.png").stat().st_size > 0
-    assert len((tmp_path / "overhead.csv").read_text().splitlines()) == 1 + 5
+    assert len((tmp_path / "overhead.csv").read_text().splitlines()) == 1 + 10
 
 
 def _tiny_image_folder(root: Path) -> None:
