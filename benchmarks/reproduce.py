@@ -4,6 +4,8 @@
     # class), 4 workers for LSGD, EASGD and DataParallel, plus one worker alone (plain SGD), 100 s of training each
     mkdir -p .data && tar xzf /path/to/cifar10-jpeg.tar.gz -C .data       # train/<class>/*.jpg, test/<class>/*.jpg
     python benchmarks/reproduce.py --data-root .data
+    # plus the decentralized and 1-bit strategies (D-PSGD, D², AD-PSGD, Signum): about 20 minutes
+    python benchmarks/reproduce.py --data-root .data --strategies all
 
     # full-size presets (GPU; one worker process per GPU): the whole of CIFAR-10, the presets' epochs and LR drops
     python benchmarks/reproduce.py --preset cifar10_resnet20 --data-root /data/cifar10-jpeg --workers 4,16
@@ -14,7 +16,8 @@ datamodule, model and strategy with the app's builders, so the numbers belong to
 multi-process job of its own (processes launched like ``torchrun``), one after another:
 
 - every ``--val-every`` optimizer steps (full-size presets: every epoch) the strategy's evaluation model (LSGD: the
-  leader, EASGD: the centre variable, DataParallel and SGD: the model) is evaluated on the test split, and rank 0
+  leader, EASGD: the centre variable, DataParallel and SGD: the model, D-PSGD, D² and AD-PSGD: the workers' average,
+  Signum: the common parameters with the workers' averaged buffers) is evaluated on the test split, and rank 0
   records (training time, step, test error). Training time is wall time since ``fit`` started minus the time spent
   evaluating; steps are optimizer steps per worker;
 - at every LSGD round rank 0 records the elected leader (``strategy.round_metrics["lsgd/leader"]``, the value LSGD
@@ -23,6 +26,13 @@ multi-process job of its own (processes launched like ``torchrun``), one after a
   the preset's last epoch;
 - payload bytes per step: rank 0's ``strategy.comm.bytes`` during training, without the evaluation swaps and the
   final sync, divided by the steps.
+
+Strategies: ``lsgd``, ``easgd``, ``dataparallel`` and ``sgd`` by default; ``dpsgd``, ``d2``, ``adpsgd`` and ``signum``
+on request (``--strategies``, ``all`` for every one), with their app configs (D-PSGD: ring; D²: lazy ring; AD-PSGD:
+ring). Where a strategy refuses the presets' Nesterov SGD, its runs get the changes in ``STRATEGY_OVERRIDES`` (D²:
+momentum 0; Signum: no Nesterov and lr 1e-3), before the user's overrides, which win. An override prefixed with a
+strategy's name and a colon applies to that strategy's runs only, e.g. ``lsgd:strategy.tau=4`` (the other strategies'
+configs have no ``tau``).
 
 Writes to ``--out``: ``reproduce.md`` (final error table, time and steps to ``--target-error``, leader counts, how it
 was run), ``reproduce_curves.csv``, ``reproduce_error.png`` (error vs time and vs steps) and ``reproduce_leader.png``
@@ -59,7 +69,21 @@ from _common import (
 )
 
 CIFAR_NORMALIZATION = ["data.mean=[0.4914,0.4822,0.4465]", "data.std=[0.2470,0.2435,0.2616]"]
-STRATEGIES = ("lsgd", "easgd", "dataparallel", "sgd")  # sgd: one worker alone, the paper's SGD baseline
+DEFAULT_STRATEGIES = ("lsgd", "easgd", "dataparallel", "sgd")  # sgd: one worker alone, the paper's SGD baseline
+# Communicate after every step: not in the default list, which keeps the CPU preset at about 10 minutes.
+OPTIONAL_STRATEGIES = ("dpsgd", "d2", "adpsgd", "signum")
+STRATEGIES = DEFAULT_STRATEGIES + OPTIONAL_STRATEGIES
+# Optimizer changes, and why, for strategies that refuse the presets' Nesterov SGD (before the user's overrides).
+STRATEGY_OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
+    "d2": (
+        ("optim.momentum=0", "optim.nesterov=false"),
+        "D² refuses momentum: its correction needs steps of exactly lr * gradient",
+    ),
+    "signum": (
+        ("optim.nesterov=false", "optim.lr=1e-3"),
+        "Signum refuses Nesterov, keeps momentum 0.9 as its beta, and moves every weight by lr per step",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -144,7 +168,14 @@ def run_overrides(preset: Preset, strategy: str, workers: int, args: argparse.Na
         overrides += [f"strategy={strategy}", f"strategy.timeout_s={args.timeout:g}"]
     if args.cache_dir:
         overrides.append(f"data.cache_dir={args.cache_dir}")
-    return overrides + list(args.override)
+    overrides += STRATEGY_OVERRIDES.get(strategy, ((), ""))[0]
+    for item in args.override:
+        scope, colon, scoped = item.partition(":")
+        if not (colon and scope in STRATEGIES):
+            overrides.append(item)
+        elif scope == strategy:
+            overrides.append(scoped)
+    return overrides
 
 
 class Recorder(pl.Callback):
@@ -314,7 +345,13 @@ def report(results: list[RunResult], preset_name: str, args: argparse.Namespace,
         + f"- preset: `experiment={preset.experiment}` with {' '.join(preset.overrides) or 'no changes'}; "
         f"data: {args.data_desc}; evaluation every "
         f"{f'{preset.val_every} steps' if preset.val_every else 'epoch'}"
-        f"{f', budget {preset.budget_s:.0f} s of training per run' if preset.budget_s else ''}\n\n"
+        f"{f', budget {preset.budget_s:.0f} s of training per run' if preset.budget_s else ''}\n"
+        + "".join(
+            f"- {name} runs with `{' '.join(changes)}` on top of the preset ({why})\n"
+            for name, (changes, why) in STRATEGY_OVERRIDES.items()
+            if any(r.strategy == name for r in results)
+        )
+        + "\n"
         + markdown_table(header, rows)
         + "\n"
         + (
@@ -385,7 +422,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--data-root", type=Path, default=REPO / ".data", help="folder with train/ and test/")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES), type=str_list, help=", ".join(STRATEGIES))
+    parser.add_argument(
+        "--strategies",
+        default=",".join(DEFAULT_STRATEGIES),
+        type=str_list,
+        help=f"{', '.join(STRATEGIES)}, or all (default: {', '.join(DEFAULT_STRATEGIES)})",
+    )
     parser.add_argument("--workers", type=int_list, default=None, help="worker counts (default: the preset's)")
     parser.add_argument("--train-per-class", type=int, default=None, help="subset size (default: the preset's)")
     parser.add_argument("--test-per-class", type=int, default=None)
@@ -399,7 +441,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="collective timeout (s)")
     parser.add_argument("--deadline", type=float, default=None, help="give up on a run after this many seconds")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reproduce")
-    parser.add_argument("override", nargs="*", help="more app overrides, e.g. optim.lr=0.02 data.batch_size=64")
+    parser.add_argument(
+        "override",
+        nargs="*",
+        help="more app overrides, e.g. optim.lr=0.02 data.batch_size=64; lsgd:strategy.tau=4 for lsgd's runs only",
+    )
     args = parser.parse_args(argv)
     base = PRESETS[args.preset]
     preset = Preset(
@@ -414,6 +460,8 @@ def main(argv: list[str] | None = None) -> None:
         base.accelerator,
     )
     PRESETS[args.preset] = preset
+    if args.strategies == ["all"]:
+        args.strategies = list(STRATEGIES)
     unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown:
         parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")

@@ -77,16 +77,20 @@ def test_reproduce_records_curves_and_leaders(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_script(
         "reproduce.py",
-        *("--data-root", str(tmp_path / "data"), "--workers", "2", "--strategies", "lsgd,sgd"),
+        *("--data-root", str(tmp_path / "data"), "--workers", "2", "--strategies", "lsgd,d2,signum,sgd"),
         *("--train-per-class", "8", "--test-per-class", "4", "--val-every", "2", "--max-steps", "4"),
         *("--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"), "--out", str(out)),
-        *("data.batch_size=4", "data.eval_batch_size=4", "strategy.tau=2"),
+        *("data.batch_size=4", "data.eval_batch_size=4", "lsgd:strategy.tau=2"),  # D² and Signum have no tau
     )
     text = (out / "reproduce.md").read_text()
-    assert "| lsgd (2 workers) |" in text and "| SGD (1 worker) |" in text
+    for label in ("lsgd (2 workers)", "d2 (2 workers)", "signum (2 workers)", "SGD (1 worker)"):
+        assert f"| {label} |" in text
     assert re.search(r"\| lsgd \(2 workers\) \| 2 \| \d / \d \|", text), text  # 4 steps, tau=2: two rounds
+    # D² and Signum refuse the preset's Nesterov SGD: the script changed their optimizer, and the report says so
+    assert "- d2 runs with `optim.momentum=0 optim.nesterov=false`" in text
+    assert "- signum runs with `optim.nesterov=false optim.lr=1e-3`" in text
     curves = (out / "reproduce_curves.csv").read_text().splitlines()
-    assert len(curves) == 1 + 2 + 2  # an evaluation every 2 of 4 steps, for each run
+    assert len(curves) == 1 + 4 * 2  # an evaluation every 2 of 4 steps, for each run
     assert (out / "reproduce_error.png").stat().st_size > 0
     assert (out / "reproduce_leader.png").stat().st_size > 0
 
