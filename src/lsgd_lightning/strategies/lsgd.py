@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -535,7 +536,7 @@ class LSGDStrategy(PeriodicCommunicationStrategy):
             }
         }
 
-    def _load_extra_state_dict(self, state: Any) -> None:
+    def _load_extra_state_dict(self, state: Mapping[str, Any]) -> None:
         saved = state.get("in_flight")
         self._in_flight = None
         if saved is not None:
