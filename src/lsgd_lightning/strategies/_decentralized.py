@@ -67,16 +67,7 @@ class AveragedReplicasStrategy(PeriodicCommunicationStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
         assert self.lightning_module is not None
-        names = {name for name, _ in self.lightning_module.named_parameters()}
-        self._parameter_masks = [
-            torch.cat(
-                [
-                    torch.full((t.numel(),), name in names, dtype=torch.bool, device=bucket.device)
-                    for name, t in zip(bucket.names, bucket.tensors)
-                ]
-            )
-            for bucket in self.layout.floating_buckets
-        ]
+        self._parameter_masks = self.layout.parameter_masks(self.lightning_module)
 
     def optimizer_step(
         self,

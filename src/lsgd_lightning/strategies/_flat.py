@@ -93,6 +93,20 @@ class FlatLayout:
         for bucket, flat in zip(self.buckets, flats):
             bucket.unpack(flat)
 
+    def parameter_masks(self, module: nn.Module) -> list[Tensor]:
+        """Per floating-point bucket, a boolean vector that is True where an element belongs to a parameter of
+        ``module`` (False: a buffer such as BatchNorm's running statistics)."""
+        names = {name for name, _ in module.named_parameters()}
+        return [
+            torch.cat(
+                [
+                    torch.full((t.numel(),), name in names, dtype=torch.bool, device=bucket.device)
+                    for name, t in zip(bucket.names, bucket.tensors)
+                ]
+            )
+            for bucket in self.floating_buckets
+        ]
+
     def named_tensors(self, flats: Iterable[Tensor]) -> dict[str, Tensor]:
         """``{name: tensor}`` for packed ``flats`` (e.g. to build a state dict of another worker's weights)."""
         out: dict[str, Tensor] = {}

@@ -58,10 +58,7 @@ class EASGDStrategy(PeriodicCommunicationStrategy):
         bucket_cap_mb: float = 25.0,
         **ddp_kwargs: Any,
     ) -> None:
-        if not _is_number(beta) or not (0.0 < beta <= 1.0):
-            raise ValueError(f"beta must be a number in (0, 1] (alpha = beta / world_size), got {beta!r}.")
-        if moving_rate is not None and (not _is_number(moving_rate) or not (0.0 < moving_rate < 1.0)):
-            raise ValueError(f"moving_rate (alpha) must be a number in (0, 1) or None, got {moving_rate!r}.")
+        check_elastic_rates(beta, moving_rate)
         super().__init__(tau=tau, eval_on=eval_on, final_sync=final_sync, bucket_cap_mb=bucket_cap_mb, **ddp_kwargs)
         self.beta = float(beta)
         self.moving_rate = None if moving_rate is None else float(moving_rate)
@@ -138,6 +135,14 @@ class EASGDStrategy(PeriodicCommunicationStrategy):
         # Floating buckets: the center (identical everywhere, nothing to send); integer buckets: the rank's own.
         center = iter(self._center)
         return [next(center).clone() if bucket.floating else bucket.pack() for bucket in self.layout.buckets]
+
+
+def check_elastic_rates(beta: Any, moving_rate: Any) -> None:
+    """``ValueError`` unless 0 < beta <= 1 and moving_rate is None or in (0, 1) (shared by both EASGD forms)."""
+    if not _is_number(beta) or not (0.0 < beta <= 1.0):
+        raise ValueError(f"beta must be a number in (0, 1] (alpha = beta / world_size), got {beta!r}.")
+    if moving_rate is not None and (not _is_number(moving_rate) or not (0.0 < moving_rate < 1.0)):
+        raise ValueError(f"moving_rate (alpha) must be a number in (0, 1) or None, got {moving_rate!r}.")
 
 
 def _is_number(value: Any) -> bool:

@@ -161,6 +161,7 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
         self._layout: FlatLayout | None = None
         self._stashed_own: list[Tensor] | None = None  # own weights while the reference model is swapped in
         self._resumed_state: dict[str, Any] | None = None  # strategy state read from this rank's shard
+        self._resumed_main_state_dict: dict[str, Any] | None = None  # the main file's reference model, on resume
         self._warned_no_loss = False
         self._failure_board: FailureBoard | None = None
         self.resets = 0  # times this worker diverged and was reset to the reference model
@@ -353,6 +354,7 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
     def teardown(self) -> None:
         self._restore_own_weights()
         self._resumed_state = None
+        self._resumed_main_state_dict = None
         super().teardown()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -531,6 +533,7 @@ class PeriodicCommunicationStrategy(DDPStrategy, ABC):
                 "Resume from an earlier checkpoint whose shards are complete."
             )
         assert shard is not None
+        self._resumed_main_state_dict = checkpoint["state_dict"]
         checkpoint["state_dict"] = shard["state_dict"]
         checkpoint["optimizer_states"] = shard["optimizer_states"]
         checkpoint["lr_schedulers"] = shard["lr_schedulers"]
