@@ -5,6 +5,9 @@
 ========================  ==================================================================
 ``"lsgd"``                Leader SGD (:class:`LSGDStrategy`)
 ``"easgd"``               synchronous Elastic Averaging SGD (:class:`EASGDStrategy`)
+``"lsgd_async"``          asynchronous Leader SGD on a leader board (:class:`AsyncLSGDStrategy`)
+``"easgd_async"``         asynchronous EASGD, the center on a parameter holder (:class:`AsyncEASGDStrategy`)
+``"downpour"``            DOWNPOUR, asynchronous parameter-server SGD (:class:`DownpourStrategy`)
 ``"dataparallel"``        data-parallel SGD with communication accounting (:class:`DataParallelStrategy`)
 ``"dpsgd"``               decentralized gossip SGD, D-PSGD (:class:`DPSGDStrategy`)
 ``"d2"``                  D², decentralized SGD for workers whose data differ (:class:`D2Strategy`)
@@ -17,8 +20,11 @@ Each name also exists with a ``_spawn`` suffix for the spawn launcher (notebooks
 
 from .strategies import (
     ADPSGDStrategy,
+    AsyncEASGDStrategy,
+    AsyncLSGDStrategy,
     D2Strategy,
     DataParallelStrategy,
+    DownpourStrategy,
     DPSGDStrategy,
     EASGDStrategy,
     LSGDStrategy,
@@ -30,9 +36,12 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ADPSGDStrategy",
+    "AsyncEASGDStrategy",
+    "AsyncLSGDStrategy",
     "D2Strategy",
     "DPSGDStrategy",
     "DataParallelStrategy",
+    "DownpourStrategy",
     "EASGDStrategy",
     "LSGDStrategy",
     "PeriodicCommunicationStrategy",

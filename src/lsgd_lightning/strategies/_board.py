@@ -1,0 +1,216 @@
+"""A parameter holder and notice board on the job's c10d store, for the asynchronous strategies.
+
+The asynchronous strategies need something no collective gives: one worker reads or changes shared state (the
+leader's weights, EASGD's center, DOWNPOUR's parameters) while the others keep training. The job already has a
+place for that: the key-value store that torch.distributed's rendezvous created (a ``TCPStore`` served from the
+rank-0 process, reachable from every rank, on CPU and GPU jobs alike). :class:`StoreBoard` keeps, under a prefix
+unique to one ``fit``:
+
+- a mutual-exclusion lock (``compare_set`` on one key): every read-modify-write of the shared state runs under it,
+  so the rounds of different workers are serialized and each sees the state the previous one left;
+- flat tensors (weights), cut into pieces of at most :data:`PIECE_BYTES` (the libuv store refuses messages over
+  8 MiB); a reader under the lock always gets one complete version;
+- small text records (e.g. the leader's rank and score);
+- each worker's step count (its heartbeat) and a rendezvous that waits for every worker to reach the same point.
+
+Waiting never hangs: while a worker waits for the lock or a rendezvous it watches the workers it waits for. It gives
+up with an error naming them if one of them posted a failure (the failure board of :mod:`._failures`) or if none of
+them took an optimizer step for ``timeout_s`` seconds (killed, hung, or stopped early). A slow worker that is still
+stepping is waited for as long as it keeps stepping.
+
+Costs: everything travels through the rank-0 process, like a parameter server. Reading or writing d float32 values
+moves 4·d bytes to or from that process (about 200 to 300 MB/s on loopback on a 2-core machine).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._comm import CommMeter
+
+PIECE_BYTES = 4 << 20  # below the libuv TCPStore's 8 MiB limit per message
+_FREE = ""  # value of the lock key when nobody holds it (compare_set treats a missing key as "")
+
+
+class BoardTimeout(RuntimeError):
+    """A worker waited for others that neither progressed nor reported a failure (message says who)."""
+
+
+class StoreBoard:
+    """Shared state of one asynchronous ``fit`` on the job's store (see the module docstring).
+
+    Args:
+        prefix: key prefix, unique to this ``fit`` on this process group.
+        rank, world_size: this worker and the number of workers.
+        timeout_s: how long a waiting worker tolerates no progress from those it waits for.
+        meter: where the bytes and seconds of transfers are counted.
+        device: where tensors read from the board are placed.
+        failure_prefix: the failure board's prefix, whose ``failed/<rank>`` keys name workers that raised.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        rank: int,
+        world_size: int,
+        timeout_s: float,
+        meter: CommMeter,
+        device: torch.device,
+        failure_prefix: str | None = None,
+        store: dist.Store | None = None,
+    ) -> None:
+        base = store if store is not None else dist.distributed_c10d._get_default_store()
+        self.store = dist.PrefixStore(f"{prefix}/", base)
+        # Single reads and writes are short; a get on a key that was never written must fail fast, not hang.
+        self.store.set_timeout(timedelta(seconds=max(30.0, timeout_s)))
+        self.base_store = base
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.meter = meter
+        self.device = device
+        self.failure_prefix = failure_prefix
+        self._rendezvous_count = 0
+        self.holds_lock = False
+        self.transaction = 0  # number of the last transaction this worker ran: the board's order of transactions
+
+    # ---------------------------------------------------------------------------------------------- lock
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the board's lock for the body (re-entrant use is a bug and raises)."""
+        if self.holds_lock:
+            raise RuntimeError("StoreBoard.locked() is not re-entrant.")
+        me = str(self.rank)
+        watch = _Watch(self, "the board's lock")
+        pause = 0.0005
+        while True:
+            holder = self.store.compare_set("lock", _FREE, me).decode()
+            if holder == me:
+                break
+            watch.check([int(holder)] if holder.isdigit() else [])
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+        self.holds_lock = True
+        self.transaction = int(self.store.add("transactions", 1))
+        try:
+            yield
+        finally:
+            self.holds_lock = False
+            self.store.compare_set("lock", me, _FREE)
+
+    # ---------------------------------------------------------------------------------------------- tensors
+    def put(self, name: str, flats: Sequence[Tensor]) -> None:
+        """Store ``flats`` under ``name`` (call under the lock so readers never see a half-written version)."""
+        with self.meter.timed(self.device):
+            for index, flat in enumerate(flats):
+                data = flat.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes()
+                for piece, start in enumerate(range(0, len(data), PIECE_BYTES)):
+                    self.store.set(f"t/{name}/{index}/{piece}", data[start : start + PIECE_BYTES])
+                self.meter.count(len(data))
+
+    def get(self, name: str, like: Sequence[Tensor]) -> list[Tensor]:
+        """Read the tensors stored under ``name``; ``like`` gives their sizes, dtypes and device."""
+        out: list[Tensor] = []
+        with self.meter.timed(self.device):
+            for index, reference in enumerate(like):
+                nbytes = reference.numel() * reference.element_size()
+                pieces = [self.store.get(f"t/{name}/{index}/{p}") for p in range(math.ceil(nbytes / PIECE_BYTES))]
+                data = b"".join(pieces)
+                if len(data) != nbytes:
+                    raise RuntimeError(f"board entry {name!r}[{index}] holds {len(data)} bytes, expected {nbytes}.")
+                flat = torch.empty(reference.numel(), dtype=reference.dtype)
+                if nbytes:
+                    flat.view(torch.uint8).copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                out.append(flat.to(reference.device))
+                self.meter.count(nbytes)
+        return out
+
+    # ---------------------------------------------------------------------------------------------- records
+    def set_record(self, name: str, value: str) -> None:
+        self.store.set(f"r/{name}", value)
+
+    def get_record(self, name: str) -> str:
+        return self.store.get(f"r/{name}").decode()
+
+    def has_record(self, name: str) -> bool:
+        return self.store.check([f"r/{name}"])
+
+    # ---------------------------------------------------------------------------------------------- progress
+    def post_progress(self, steps: int) -> None:
+        """This worker's heartbeat: the number of optimizer steps it has taken."""
+        self.store.set(f"p/{self.rank}", str(steps))
+
+    def progress(self, ranks: Sequence[int]) -> list[str]:
+        keys = [f"p/{r}" for r in ranks]
+        present = [self.store.check([key]) for key in keys]
+        return [self.store.get(key).decode() if ok else "" for key, ok in zip(keys, present)]
+
+    def failure(self, ranks: Sequence[int]) -> tuple[int, str] | None:
+        """The first of ``ranks`` that posted an error on the failure board, with its message."""
+        if self.failure_prefix is None:
+            return None
+        for rank in ranks:
+            key = f"{self.failure_prefix}/failed/{rank}"
+            if self.base_store.check([key]):
+                return rank, self.base_store.get(key).decode(errors="replace")
+        return None
+
+    def rendezvous(self, what: str) -> None:
+        """Return once every worker has called ``rendezvous`` as often as this one (the n-th call meets the n-th)."""
+        self._rendezvous_count += 1
+        key = f"rdv/{self._rendezvous_count}"
+        self.store.set(f"{key}/{self.rank}", "1")
+        arrived = self.store.add(key, 1)
+        watch = _Watch(self, what)
+        pause = 0.0005
+        while arrived < self.world_size:
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+            arrived = self.store.add(key, 0)
+            if watch.due():
+                missing = [r for r in range(self.world_size) if not self.store.check([f"{key}/{r}"])]
+                watch.check(missing)
+
+
+class _Watch:
+    """Progress watchdog of a waiting worker: raise if those it waits for failed or stopped stepping."""
+
+    def __init__(self, board: StoreBoard, what: str) -> None:
+        self.board = board
+        self.what = what
+        self.last_seen: dict[int, str] = {}
+        now = time.monotonic()
+        self.deadline = now + board.timeout_s
+        self.next_check = now + 0.5
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.next_check
+
+    def check(self, ranks: Sequence[int]) -> None:
+        if not self.due() or not ranks:
+            return
+        now = time.monotonic()
+        self.next_check = now + 0.5
+        failed = self.board.failure(ranks)
+        if failed is not None:
+            rank, message = failed
+            raise RuntimeError(
+                f"rank {self.board.rank} was waiting for {self.what} and rank {rank} failed with {message}"
+            )
+        seen = dict(zip(ranks, self.board.progress(ranks)))
+        if any(self.last_seen.get(r) != s for r, s in seen.items()):
+            self.last_seen.update(seen)
+            self.deadline = now + self.board.timeout_s  # someone we wait for is still stepping
+        elif now > self.deadline:
+            raise BoardTimeout(
+                f"rank {self.board.rank} timed out waiting for {self.what}: rank(s) {list(ranks)} took no optimizer "
+                f"step for {self.board.timeout_s:g} s and reported no error (killed, hung, or stopped early)."
+            )
