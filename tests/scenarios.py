@@ -261,10 +261,11 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
     raise KeyError(name)
 
 
-def run_scenarios(rank: int, world_size: int, out: str, names: list[str]) -> None:
+def run_scenarios(rank: int, world_size: int, out: str, names: list[str], run: Any = None) -> None:
+    """Run the named scenarios of ``run`` (default: this module's :func:`scenario`) and save each rank's result."""
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for name in names:
         directory = Path(out) / name
         directory.mkdir(parents=True, exist_ok=True)
-        result = scenario(name, rank, world_size, directory)
+        result = (run or scenario)(name, rank, world_size, directory)
         torch.save(result, directory / f"rank{rank}.pt")

@@ -44,7 +44,10 @@ from tests.app_helpers import (
 REPO = Path(__file__).resolve().parents[1]
 #: The config groups and options the app must offer (issue 5).
 GROUPS = {
-    "strategy": {"lsgd", "lsgd_multi", "easgd", "dataparallel", "dpsgd", "d2", "adpsgd", "signum"},
+    "strategy": {
+        *("lsgd", "lsgd_multi", "easgd", "dataparallel", "dpsgd", "d2", "adpsgd", "signum"),
+        *("lsgd_async", "easgd_async", "downpour"),
+    },
     "model": {"cnn7", "vgg16", "resnet20", "resnet50"},
     "data": {"mnist5k", "cifar10", "imagefolder"},
     "logger": {"csv", "wandb", "none"},
@@ -60,6 +63,9 @@ STRATEGY_CLASSES = {
     "d2": lsgd_lightning.D2Strategy,
     "adpsgd": lsgd_lightning.ADPSGDStrategy,
     "signum": lsgd_lightning.SignumStrategy,
+    "lsgd_async": lsgd_lightning.AsyncLSGDStrategy,
+    "easgd_async": lsgd_lightning.AsyncEASGDStrategy,
+    "downpour": lsgd_lightning.DownpourStrategy,
 }
 
 

@@ -1,0 +1,120 @@
+"""Training scenarios of the asynchronous strategies, run inside each worker process of a multi-process test job.
+
+Each scenario reuses the harness of ``tests/scenarios.py`` (same model, data, seed and recorder). One worker is
+slowed down (a sleep after each of its steps) so the transactions on the board interleave in an order that differs
+from lockstep; every round records the board's transaction number, which lets the reference simulation replay the
+same order (``tests/async_simulation.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lsgd_lightning import AsyncEASGDStrategy, AsyncLSGDStrategy, DownpourStrategy
+from tests import models
+from tests.scenarios import TIMEOUT, _expect_error, _fit, run_scenarios
+
+LSGD_ASYNC = {"tau": 3, "pull_strength": 0.3, "leader_window": 2}
+EASGD_ASYNC = {"tau": 3, "moving_rate": 0.3}
+DOWNPOUR = {"tau": 3}
+SLOW_RANK, SLOW_S = 1, 0.05
+
+
+class Straggler(pl.Callback):
+    """Sleep ``seconds`` after every training batch of rank ``rank`` (a slower worker)."""
+
+    def __init__(self, rank: int, seconds: float) -> None:
+        self.rank, self.seconds = rank, seconds
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_rank == self.rank:
+            time.sleep(self.seconds)
+
+
+class FailAt(pl.Callback):
+    """Rank ``rank`` fails after step ``step``: by raising, or (``kill``) by leaving the process without a word."""
+
+    def __init__(self, rank: int, step: int, kill: bool = False) -> None:
+        self.rank, self.step, self.kill = rank, step, kill
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            if self.kill:
+                os._exit(0)
+            raise ValueError(f"injected failure on rank {self.rank}")
+
+
+def make(name: str, **overrides: Any) -> pl.strategies.Strategy:
+    cls, settings = {
+        "lsgd_async": (AsyncLSGDStrategy, LSGD_ASYNC),
+        "easgd_async": (AsyncEASGDStrategy, EASGD_ASYNC),
+        "downpour": (DownpourStrategy, DOWNPOUR),
+    }[name]
+    return cls(**{**settings, "final_sync": False, "timeout": TIMEOUT, **overrides})
+
+
+def _straggling(rank: int, world_size: int, strategy: pl.strategies.Strategy, **kwargs: Any) -> dict[str, Any]:
+    extra = [Straggler(SLOW_RANK, SLOW_S), *kwargs.pop("extra_callbacks", [])]
+    return _fit(rank, world_size, strategy, extra_callbacks=extra, **kwargs)
+
+
+def _checkpointer(directory: Path) -> ModelCheckpoint:
+    return ModelCheckpoint(
+        dirpath=directory, filename="{epoch}", save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True
+    )
+
+
+def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]:
+    if name in ("lsgd_async", "easgd_async", "downpour"):
+        return _straggling(rank, world_size, make(name))
+    if name.endswith("_diverge"):  # rank 2's weights turn NaN before step 4
+        strategy = make(name.removesuffix("_diverge"))
+        return _straggling(rank, world_size, strategy, make_model=lambda: models.DivergingRegressor(rank=2, step=4))
+    if name.endswith("_eval"):  # validation every 3 steps (sync_dist logging) and the final sync
+        strategy = make(name.removesuffix("_eval"), final_sync=True)
+        result = _straggling(rank, world_size, strategy, val=True, val_check_interval=3)
+        result["reference_after_fit"] = strategy.layout.named_tensors(strategy._reference_weights())
+        return result
+    if name.endswith("_resume"):  # 3 epochs with a checkpoint per epoch, then again from the epoch-0 checkpoint
+        kind = name.removesuffix("_resume")
+        common: dict[str, Any] = {"max_steps": -1, "max_epochs": 3, "enable_checkpointing": True, "shuffle": True}
+        first = _straggling(rank, world_size, make(kind, tau=4), extra_callbacks=[_checkpointer(out / "a")], **common)
+        again = _straggling(
+            rank,
+            world_size,
+            make(kind, tau=4),
+            ckpt_path=str(out / "a" / "epoch=0.ckpt"),
+            extra_callbacks=[_checkpointer(out / "b")],
+            **common,
+        )
+        return {"uninterrupted": first, "resumed": again}
+    if name == "lsgd_async_crash":  # rank 2 raises at step 5; the others must stop with its name, not hang
+        strategy = make("lsgd_async", timeout=timedelta(seconds=30))
+        started = time.monotonic()
+        result = _expect_error(lambda: _straggling(rank, world_size, strategy, extra_callbacks=[FailAt(2, 5)]))
+        seconds = time.monotonic() - started
+        torch.distributed.barrier()  # rank 0 serves the store: keep it until every rank has seen the failure
+        return {**result, "seconds": seconds}
+    raise KeyError(name)
+
+
+def run_async_scenarios(rank: int, world_size: int, out: str, names: list[str]) -> None:
+    run_scenarios(rank, world_size, out, names, run=scenario)
+
+
+def run_killed(rank: int, world_size: int, out: str) -> None:
+    """Rank 2 leaves without a word after step 5: the others must give up after the (short) timeout."""
+    strategy = make("lsgd_async", timeout=timedelta(seconds=4))
+    started = time.monotonic()
+    result = _expect_error(lambda: _fit(rank, world_size, strategy, extra_callbacks=[FailAt(2, 5, kill=True)]))
+    result["seconds"] = time.monotonic() - started
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    os._exit(0)  # the process group lost a member: skip its teardown

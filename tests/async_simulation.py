@@ -1,0 +1,132 @@
+"""Reference replay of the asynchronous strategies in one process, independent of the package.
+
+An asynchronous run is deterministic once the order of its board transactions is known: between two of its rounds
+a worker only trains locally on its own shard, which depends on nothing else. The multi-process run records, for
+every round, the worker, its step and the board's transaction number; :func:`replay` applies the same rounds in
+the same order to P simulated workers (``tests/simulation.py``: same model, shards and seed), with the update rules
+written out from the papers:
+
+- asynchronous LSGD (Teng et al. 2019, Algorithm 1): a worker whose score beats the board's leader (or that is the
+  leader) publishes its weights as the leader's copy; every other worker pulls x <- x - pull (x - copy);
+- asynchronous EASGD (Zhang et al. 2015, Algorithm 1): delta = alpha (x - c); x <- x - delta; c <- c + delta;
+- DOWNPOUR (Dean et al. 2012): w <- w + (x - x_fetched); x <- w; x_fetched <- w (buffers: the pusher's).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tests import simulation as sim
+
+
+@dataclass
+class Board:
+    """The shared state: the leader's copy (LSGD), the center (EASGD) or the held parameters (DOWNPOUR)."""
+
+    state: dict[str, Tensor]
+    leader: int = -1
+    score: float = math.inf
+    fetched: list[dict[str, Tensor]] = field(default_factory=list)  # DOWNPOUR: per worker, as last fetched
+    leaders_seen: list[int] = field(default_factory=list)
+
+
+def transactions(results: list[dict[str, Any]], key: str = "rounds") -> list[tuple[int, int, int]]:
+    """(transaction, rank, step) of every recorded round, in the board's order."""
+    # (A resumed run's recorder also notes the restored round count once, before any round: no transaction.)
+    order = [
+        (int(r["async/transaction"]), rank, int(r["step"]))
+        for rank, res in enumerate(results)
+        for r in res[key]
+        if "async/transaction" in r
+    ]
+    return sorted(order)
+
+
+def clone(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in state.items()}
+
+
+def new_board(kind: str, workers: list[sim.Worker]) -> Board:
+    initial = clone(workers[0].net.state_dict())
+    if kind == "lsgd_async":
+        return Board(initial)
+    floats = {k: v for k, v in initial.items() if v.is_floating_point()}
+    fetched = [clone(floats) for _ in workers] if kind == "downpour" else []
+    return Board(floats, fetched=fetched)
+
+
+@torch.no_grad()
+def apply_round(kind: str, board: Board, worker: sim.Worker, settings: dict[str, Any]) -> None:
+    rank, state = worker.rank, worker.net.state_dict()
+    window = settings.get("leader_window", 10)
+    diverged = worker.diverged(window)
+    if kind == "lsgd_async":
+        score = math.nan if diverged else worker.score(window)
+        if not diverged and (board.leader == rank or score < board.score):
+            board.state, board.leader, board.score = clone(state), rank, score
+        else:
+            if diverged and board.leader == rank:
+                board.score = math.inf
+            if diverged:
+                worker.reset_to(clone(board.state))
+            else:
+                pull = settings["pull_strength"]
+                for key, value in state.items():
+                    target = board.state[key]
+                    value.copy_(value - pull * (value - target) if value.is_floating_point() else target)
+        board.leaders_seen.append(board.leader)
+    elif kind == "easgd_async":
+        if diverged:
+            worker.reset_to({**state, **clone(board.state)})
+            return
+        alpha = settings["moving_rate"]
+        for key, c in board.state.items():
+            delta = alpha * (state[key] - c)
+            state[key].copy_(state[key] - delta)
+            c.copy_(c + delta)
+    elif kind == "downpour":
+        parameters = {name for name, _ in worker.net.named_parameters()}
+        if not diverged:
+            for key, w in board.state.items():
+                new = w + (state[key] - board.fetched[rank][key]) if key in parameters else state[key].clone()
+                w.copy_(new)
+            for key, w in board.state.items():
+                state[key].copy_(w)
+        else:
+            worker.reset_to({**state, **clone(board.state)})
+        board.fetched[rank] = clone(board.state)
+    else:
+        raise KeyError(kind)
+
+
+def replay(
+    kind: str,
+    order: list[tuple[int, int, int]],
+    settings: dict[str, Any],
+    world_size: int,
+    total_steps: int,
+    workers: list[sim.Worker] | None = None,
+    board: Board | None = None,
+    poison: tuple[int, int] | None = None,
+) -> tuple[list[sim.Worker], Board]:
+    """Apply the recorded rounds in board order, training each worker locally up to the round's step; then train
+    every worker up to ``total_steps``. ``poison=(rank, step)`` turns that worker's weights NaN before that
+    (0-based) step, like ``models.DivergingRegressor``."""
+    workers = workers if workers is not None else sim.make_workers(world_size)
+    board = board if board is not None else new_board(kind, workers)
+
+    def advance(worker: sim.Worker, to_step: int) -> None:
+        while worker.cursor < to_step:
+            sim.local_step(worker, poison=poison == (worker.rank, worker.cursor))
+
+    for _, rank, step in order:
+        advance(workers[rank], step)
+        apply_round(kind, board, workers[rank], settings)
+    for worker in workers:
+        advance(worker, total_steps)
+    return workers, board
