@@ -173,12 +173,12 @@ def test_a_worker_that_raises_stops_the_others_with_its_name(job: Path) -> None:
 
 
 def test_a_worker_that_vanishes_is_named_after_the_timeout(tmp_path: Path) -> None:
-    run_workers(run_killed, WORLD, (str(tmp_path),), errdir=tmp_path / "errors", timeout_s=120)
-    for rank in (0, 1, 3):
-        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert result["error"] is not None and "rank(s) [2]" in result["error"], result["error"]
-        assert "took no optimizer step for 4 s" in result["error"]
-    assert not (tmp_path / "rank2.pt").exists()
+    run_workers(run_killed, 2, (str(tmp_path),), errdir=tmp_path / "errors", timeout_s=120)  # 2 start faster
+    result = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert result["error"] is not None and "rank(s) [1]" in result["error"], result["error"]
+    assert "took no optimizer step for 4 s" in result["error"]
+    assert result["seconds"] < 20  # the 4 s without progress, not the process group's timeout
+    assert not (tmp_path / "rank1.pt").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
