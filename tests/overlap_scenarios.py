@@ -6,17 +6,15 @@ compares what these runs save with its single-process simulation of the delayed 
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import Tensor
 
 from lsgd_lightning import LSGDStrategy
 from tests import models
-from tests.scenarios import VAL_EVERY, _expect_error, _fit, _lsgd, _resume_pair
+from tests.scenarios import VAL_EVERY, _expect_error, _fit, _lsgd, _resume_pair, run_scenarios
 
 # tau=3, k=2: rounds after steps 3, 6, 9, 12; pulls after 5, 8, 11, 14 (the last on the run's last step).
 OVERLAP = {"tau": 3, "overlap_steps": 2}
@@ -102,8 +100,4 @@ def overlap_scenario(name: str, rank: int, world_size: int, out: Path) -> dict[s
 
 
 def run_overlap_scenarios(rank: int, world_size: int, out: str, names: list[str]) -> None:
-    """Run ``names`` one after another on one process group; save each rank's result under ``out/<name>/``."""
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in names:
-        (Path(out) / name).mkdir(parents=True, exist_ok=True)
-        torch.save(overlap_scenario(name, rank, world_size, Path(out) / name), Path(out) / name / f"rank{rank}.pt")
+    run_scenarios(rank, world_size, out, names, run=overlap_scenario)
