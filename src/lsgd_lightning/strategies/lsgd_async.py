@@ -25,6 +25,10 @@ Communicated per round: about 20 bytes of record plus one model copy (4·d bytes
 and buffers), uploaded by the leader or downloaded by the others, through the store served by the rank-0 process:
 4·d / tau bytes per step, like ``lsgd``, but with no worker waiting for another. See :mod:`._asynchronous` for where
 workers still meet (evaluation, checkpoints, Lightning's collectives, the end of training).
+
+No multi-leader form: its point is to keep most traffic inside each node, but the board lives in one process
+(rank 0's store), so local leader boards would still send every copy to and from node 0. Use the synchronous
+``LSGDStrategy(group_size="node")`` for that.
 """
 
 from __future__ import annotations
