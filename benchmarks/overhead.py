@@ -1,8 +1,9 @@
 """Step time and communication of each strategy, measured side by side in one run (issue 6, item 1).
 
-    python benchmarks/overhead.py        # CPU-sized default: CNN7 and ResNet20, P = 2 and 4 (~17 min on 2 cores)
+    python benchmarks/overhead.py        # CPU-sized default: CNN7 and ResNet20, P = 2 and 4, 16 configurations
+                                         # (25 min on 2 cores busy with other work, load 4-5)
     python benchmarks/overhead.py --models cnn7 --workers 4 --taus 1,4,16,64 --budget 300
-    python benchmarks/overhead.py --strategies lsgd,easgd,dataparallel,ddp   # issue 6's set only (~12 min)
+    python benchmarks/overhead.py --strategies lsgd,easgd,dataparallel,ddp   # issue 6's 11 only (~12-15 min)
 
 What is measured. For each worker count P, one job of P local processes (launched like ``torchrun`` would, so
 Lightning sees an external launch) trains every configuration in turn on the same process group: the *floor*
