@@ -1,0 +1,42 @@
+"""Smoke test of benchmarks/straggler.py on its tiniest setting: it runs and writes its tables (timings not judged)."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+from tests.test_benchmarks_smoke import run_script
+
+
+def test_straggler_runs_and_writes_its_tables(tmp_path: Path) -> None:
+    run_script(
+        "straggler.py",
+        *("--strategies", "lsgd,lsgd_async", "--workers", "2", "--epochs", "1", "--batches", "4", "--warmup", "1"),
+        *("--tau", "2", "--repeats", "1", "--out", str(tmp_path)),
+        timeout=120,
+    )
+    text = (tmp_path / "straggler.md").read_text()
+    assert "- command: `python benchmarks/straggler.py --strategies lsgd,lsgd_async" in text
+    for label in ("lsgd", "lsgd + straggler", "lsgd_async", "lsgd_async + straggler"):
+        assert re.search(rf"^\| {re.escape(label)} \| [\d.]+ \| [\d.]+ \|", text, re.MULTILINE), label
+    assert re.search(
+        r"\| P=2: lsgd_async: fast workers' rate with a 2x straggler >= 0.9x of without \| .* \| (met|missed) \|", text
+    )
+    assert re.search(
+        r"\| P=2: lsgd: fast workers' rate drops toward the straggler's pace \| .* \| (shown|not shown) \|", text
+    )
+    assert re.search(
+        r"\| P=2: final test accuracy % \(without / with straggler\) \| lsgd [\d.]+ / [\d.]+, lsgd_async", text
+    )
+    # final_sync: every rank ends the fit holding the strategy's final model (exact, whatever the timing)
+    assert "| P=2: every rank holds the final model after fit (final_sync) | max weight spread 0.0e+00 | yes |" in text
+    with open(tmp_path / "straggler.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 * 2  # 4 runs x 2 ranks
+    for row in rows:
+        slowed = row["straggler"] == "True" and row["rank"] == "1"
+        assert row["slowed"] == str(slowed)
+        assert (float(row["slept_s"]) > 0) == slowed
+        assert row["steps"] == "4"
+    assert (tmp_path / "straggler.png").stat().st_size > 0
