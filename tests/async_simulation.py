@@ -113,10 +113,12 @@ def replay(
     workers: list[sim.Worker] | None = None,
     board: Board | None = None,
     poison: tuple[int, int] | None = None,
+    end: bool = True,
 ) -> tuple[list[sim.Worker], Board]:
     """Apply the recorded rounds in board order, training each worker locally up to the round's step; then train
-    every worker up to ``total_steps``. ``poison=(rank, step)`` turns that worker's weights NaN before that
-    (0-based) step, like ``models.DivergingRegressor``."""
+    every worker up to ``total_steps`` and (``end``; LSGD) hold the final election among all workers.
+    ``poison=(rank, step)`` turns that worker's weights NaN before that (0-based) step, like
+    ``models.DivergingRegressor``."""
     workers = workers if workers is not None else sim.make_workers(world_size)
     board = board if board is not None else new_board(kind, workers)
 
@@ -129,4 +131,9 @@ def replay(
         apply_round(kind, board, workers[rank], settings)
     for worker in workers:
         advance(worker, total_steps)
+    if end and kind == "lsgd_async":  # the end of training: one last election among all workers, nobody pulled
+        window = settings.get("leader_window", 10)
+        leader, scores = sim.elect(workers, window)
+        if leader is not None and leader != board.leader:
+            board.state, board.leader, board.score = clone(workers[leader].net.state_dict()), leader, scores[leader]
     return workers, board

@@ -125,7 +125,7 @@ def _state_at_checkpoint(kind: str, pair: list[dict[str, Any]]) -> tuple[list[An
     order = asim.transactions(first)
     settings = {**SETTINGS[kind], "tau": 4}
     before = [t for t in order if t[2] <= STEPS_PER_EPOCH]
-    workers, board = asim.replay(kind, before, settings, WORLD, STEPS_PER_EPOCH)
+    workers, board = asim.replay(kind, before, settings, WORLD, STEPS_PER_EPOCH, end=False)
     return workers, board, order
 
 

@@ -145,9 +145,13 @@ class AsynchronousStrategy(PeriodicCommunicationStrategy):
         if not self._board_active:
             return super().on_train_end()
         self.board.rendezvous("the end of training")  # every worker has finished: the board no longer changes
+        self._settle_board()
         super().on_train_end()  # final sync: read the shared model from the board
         super().barrier("lsgd_lightning.async_end")  # rank 0 serves the store: keep it until everyone has read
         self._board_active = False
+
+    def _settle_board(self) -> None:
+        """At the end of training, with every worker present: bring the board up to date (a collective)."""
 
     def on_exception(self, exception: BaseException) -> None:
         self._board_active = False

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ._asynchronous import AsynchronousStrategy
-from .lsgd import _check_fraction
+from .lsgd import _check_fraction, elect_leader
 
 _NO_LEADER = -1  # the board's rank before any worker posted a finite score (the initial weights are the copy)
 
@@ -143,6 +143,22 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
             else:
                 bucket.unpack(theirs)
         return math.sqrt(float(squared))
+
+    def _settle_board(self) -> None:
+        """A last, synchronous election once every worker has finished.
+
+        Without it the board may end on a slow worker: when the fast ones have finished it leads alone and keeps
+        refreshing its copy however much its score worsens. All workers all-gather their final scores; if the best
+        finite one is not the board's leader, that worker publishes its weights (no worker is pulled).
+        """
+        scores = self.collectives.all_gather(self.round_score().reshape(1).float())
+        best = elect_leader(scores)
+        version, leader, _ = self.read_leader()
+        if best is not None and best != leader and best == self.global_rank:
+            with self.board.locked():
+                self.board.put("leader", self.layout.pack())
+                self._write_leader(version + 1, best, float(scores[best]))
+        super(AsynchronousStrategy, self).barrier("lsgd_lightning.final_election")  # published before anyone reads
 
     def _reference_weights(self) -> list[Tensor]:
         with self.board.locked():
