@@ -70,6 +70,15 @@ class AsynchronousStrategy(PeriodicCommunicationStrategy):
         ``resumed_reference=None`` and every worker holds the same initial weights)."""
         raise NotImplementedError
 
+    def _floating(self, flats: list[Tensor]) -> list[Tensor]:
+        """The floating-point buckets of packed ``flats`` (what EASGD's center and DOWNPOUR's holder keep)."""
+        return [flat for bucket, flat in zip(self.layout.buckets, flats) if bucket.floating]
+
+    def _with_own_integers(self, floating: list[Tensor]) -> list[Tensor]:
+        """A full packed layout: ``floating`` for the floating-point buckets, this rank's own integer buckets."""
+        shared = iter(floating)
+        return [next(shared) if bucket.floating else bucket.pack() for bucket in self.layout.buckets]
+
     # ------------------------------------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)

@@ -67,9 +67,6 @@ class DownpourStrategy(AsynchronousStrategy):
         assert self.lightning_module is not None
         self._is_parameter = self.layout.parameter_masks(self.lightning_module)
 
-    def _floating(self, flats: list[Tensor]) -> list[Tensor]:
-        return [flat for bucket, flat in zip(self.layout.buckets, flats) if bucket.floating]
-
     def _on_fresh_start(self) -> None:
         self._fetched = [bucket.pack() for bucket in self.layout.floating_buckets]
 
@@ -89,8 +86,7 @@ class DownpourStrategy(AsynchronousStrategy):
                 self.board.put("parameters", held)
         metrics: dict[str, float] = {}
         if diverged:
-            held_iter = iter(held)
-            self._reset_to([next(held_iter) if b.floating else b.pack() for b in self.layout.buckets], "parameters")
+            self._reset_to(self._with_own_integers(held), "parameters")
         else:
             pushed = [(x - f)[m] for x, f, m in zip(own, self._fetched, self._is_parameter)]
             metrics["downpour/update_norm"] = math.sqrt(sum(float(d.double().square().sum()) for d in pushed))
@@ -100,10 +96,9 @@ class DownpourStrategy(AsynchronousStrategy):
         return metrics
 
     def _reference_weights(self) -> list[Tensor]:
-        own = self.layout.pack()
+        like = [bucket.pack() for bucket in self.layout.floating_buckets]
         with self.board.locked():
-            held = iter(self.board.get("parameters", like=self._floating(own)))
-        return [next(held) if bucket.floating else flat for bucket, flat in zip(self.layout.buckets, own)]
+            return self._with_own_integers(self.board.get("parameters", like=like))
 
     def _extra_state_dict(self) -> dict[str, Any]:
         return {"fetched": [f.detach().cpu().clone() for f in self._fetched]}

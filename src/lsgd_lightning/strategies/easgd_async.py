@@ -72,9 +72,6 @@ class AsyncEASGDStrategy(AsynchronousStrategy):
     def alpha(self) -> float:
         return self.moving_rate if self.moving_rate is not None else self.beta / self.world_size
 
-    def _floating(self, flats: list[Tensor]) -> list[Tensor]:
-        return [flat for bucket, flat in zip(self.layout.buckets, flats) if bucket.floating]
-
     def _publish_initial(self, resumed_reference: list[Tensor] | None) -> None:
         self.board.put("center", self._floating(resumed_reference or self.layout.pack()))
 
@@ -88,8 +85,7 @@ class AsyncEASGDStrategy(AsynchronousStrategy):
                 deltas = [(x - c).mul_(self.alpha) for x, c in zip(own, center)]
                 self.board.put("center", [c + d for c, d in zip(center, deltas)])
         if diverged:
-            center_iter = iter(center)
-            self._reset_to([next(center_iter) if b.floating else b.pack() for b in self.layout.buckets], "center")
+            self._reset_to(self._with_own_integers(center), "center")
             return {}
         squared = torch.zeros((), dtype=torch.float64, device=self.root_device)
         for bucket, x, delta in zip(buckets, own, deltas):
@@ -98,7 +94,6 @@ class AsyncEASGDStrategy(AsynchronousStrategy):
         return {"easgd/dist_to_center": math.sqrt(float(squared)) / self.alpha}
 
     def _reference_weights(self) -> list[Tensor]:
-        own = self.layout.pack()
+        like = [bucket.pack() for bucket in self.layout.floating_buckets]
         with self.board.locked():
-            center = iter(self.board.get("center", like=self._floating(own)))
-        return [next(center) if bucket.floating else flat for bucket, flat in zip(self.layout.buckets, own)]
+            return self._with_own_integers(self.board.get("center", like=like))
