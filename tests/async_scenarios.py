@@ -26,17 +26,33 @@ LSGD_ASYNC = {"tau": 3, "pull_strength": 0.3, "leader_window": 2}
 EASGD_ASYNC = {"tau": 3, "moving_rate": 0.3}
 DOWNPOUR = {"tau": 3}
 SLOW_RANK, SLOW_S = 1, 0.05
+HOLD_S = 60.0  # how long the straggler waits for a fast worker to get ahead (see Straggler)
 
 
 class Straggler(pl.Callback):
-    """Sleep ``seconds`` after every training batch of rank ``rank`` (a slower worker)."""
+    """Sleep ``seconds`` after every training batch of rank ``rank`` (a slower worker).
 
-    def __init__(self, rank: int, seconds: float) -> None:
-        self.rank, self.seconds = rank, seconds
+    With ``hold_until`` = (s, t), the straggler also waits, before its step s + 1, until a fast worker has finished
+    its step t (t > s; at most ``HOLD_S`` seconds): on a loaded machine a sleep alone does not guarantee that the
+    fast workers get ahead, but a strategy that kept the workers in lockstep could never let them, so the wait would
+    run out and the recorded order would show it.
+    """
+
+    def __init__(self, rank: int, seconds: float, hold_until: tuple[int, int] | None = None) -> None:
+        self.rank, self.seconds, self.hold_until = rank, seconds, hold_until
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_rank == self.rank:
-            time.sleep(self.seconds)
+        store = torch.distributed.distributed_c10d._get_default_store()
+        key = f"tests/ahead/{trainer.strategy._health.prefix}"  # unique to this fit, the same on every rank
+        if trainer.global_rank != self.rank:
+            if self.hold_until is not None and trainer.global_step == self.hold_until[1]:
+                store.set(key, "1")
+            return
+        time.sleep(self.seconds)
+        if self.hold_until is not None and trainer.global_step == self.hold_until[0]:
+            deadline = time.monotonic() + HOLD_S
+            while not store.check([key]) and time.monotonic() < deadline:
+                time.sleep(0.01)
 
 
 class FailAt(pl.Callback):
@@ -61,8 +77,10 @@ def make(name: str, **overrides: Any) -> pl.strategies.Strategy:
     return cls(**{**settings, "final_sync": False, "timeout": TIMEOUT, **overrides})
 
 
-def _straggling(rank: int, world_size: int, strategy: pl.strategies.Strategy, **kwargs: Any) -> dict[str, Any]:
-    extra = [Straggler(SLOW_RANK, SLOW_S), *kwargs.pop("extra_callbacks", [])]
+def _straggling(
+    rank: int, world_size: int, strategy: pl.strategies.Strategy, hold: bool = False, **kwargs: Any
+) -> dict[str, Any]:
+    extra = [Straggler(SLOW_RANK, SLOW_S, (2, 6) if hold else None), *kwargs.pop("extra_callbacks", [])]
     return _fit(rank, world_size, strategy, extra_callbacks=extra, **kwargs)
 
 
@@ -73,8 +91,8 @@ def _checkpointer(directory: Path) -> ModelCheckpoint:
 
 
 def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]:
-    if name in ("lsgd_async", "easgd_async", "downpour"):
-        return _straggling(rank, world_size, make(name))
+    if name in ("lsgd_async", "easgd_async", "downpour"):  # a fast worker finishes step 6 before the straggler's 3
+        return _straggling(rank, world_size, make(name), hold=True)
     if name.endswith("_diverge"):  # rank 2's weights turn NaN before step 4
         strategy = make(name.removesuffix("_diverge"))
         return _straggling(rank, world_size, strategy, make_model=lambda: models.DivergingRegressor(rank=2, step=4))

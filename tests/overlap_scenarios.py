@@ -51,7 +51,7 @@ class StepRecorder(pl.Callback):
             return
         strategy = trainer.strategy
         assert isinstance(strategy, LSGDStrategy)
-        running = strategy._in_flight is not None and strategy._in_flight.thread is not None
+        running = strategy._in_flight is not None and not strategy._in_flight.arrived
         self.validations.append(
             {"step": float(trainer.global_step), "in_flight": float(strategy.round_in_flight), "running": running}
         )
@@ -80,20 +80,14 @@ def overlap_scenario(name: str, rank: int, world_size: int, out: Path) -> dict[s
         "tree": lambda: _fit(rank, world_size, _lsgd()),
         "chain": lambda: _fit(rank, world_size, _lsgd(leader_broadcast="chain")),
         "overlap": lambda: _recorded(rank, world_size, _lsgd(**OVERLAP)),
-        "overlap_chain_val": lambda: _recorded(
-            rank,
-            world_size,
-            _lsgd(**OVERLAP_END, leader_broadcast="chain"),
-            val=True,
-            val_check_interval=VAL_EVERY,
+        "overlap_val": lambda: _recorded(
+            rank, world_size, _lsgd(**OVERLAP_END), val=True, val_check_interval=VAL_EVERY
         ),
         "overlap_final_sync": lambda: _recorded(rank, world_size, _lsgd(**OVERLAP_END, final_sync=True)),
         "overlap_manual_nan": lambda: _recorded(
             rank, world_size, _lsgd(**OVERLAP), make_model=lambda: models.ManualRegressor(report_nan_on=(1,))
         ),
-        "overlap_resume": lambda: _resume_pair(
-            rank, world_size, out, lambda: _lsgd(**OVERLAP_END, leader_broadcast="chain")
-        ),
+        "overlap_resume": lambda: _resume_pair(rank, world_size, out, lambda: _lsgd(**OVERLAP_END)),
         "overlap_exception": lambda: _failing(rank, world_size),
     }
     return runs[name]()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lsgd_lightning import LSGDStrategy
-from lsgd_lightning.strategies.periodic import atomic_torch_save
+from lsgd_lightning.strategies.checkpoints import atomic_torch_save
 from tests import models
 from tests.conftest import clean_launch_env
 
@@ -53,7 +53,7 @@ def test_a_job_killed_right_after_a_checkpoint_resumes_to_the_same_result(tmp_pa
 CRASH_MID_WRITE = """
 import os, signal, sys, torch
 from pathlib import Path
-from lsgd_lightning.strategies.periodic import atomic_torch_save
+from lsgd_lightning.strategies.checkpoints import atomic_torch_save
 
 def half_then_die(obj, path):
     with open(path, "wb") as handle:

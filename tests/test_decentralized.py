@@ -19,7 +19,9 @@ from hydra import compose, initialize_config_module
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lsgd_lightning
-from lsgd_lightning.strategies import _gossip, _signs, adpsgd
+from lsgd_lightning.core import gossip as _gossip
+from lsgd_lightning.core import signs as _signs
+from lsgd_lightning.strategies import adpsgd
 from lsgd_lightning.strategies.signum import _gradients_only
 from lsgd_lightning.train import build_strategy
 from tests import decentralized_simulation as sim
@@ -239,7 +241,7 @@ def test_majority_vote_is_the_sign_of_the_sum_of_signs(workers: int) -> None:
     generator = torch.Generator().manual_seed(workers)
     signs = torch.where(torch.rand(workers, 77, generator=generator) < 0.5, 1, -1)
     gathered = torch.stack([_signs.pack_signs(row) for row in signs])
-    vote = _signs.majority_vote(gathered, 77)
+    vote = _signs.majority_vote_packed(gathered, 77)
     assert torch.equal(vote, torch.sign(signs.sum(0)).to(torch.int8))
     assert bool((vote == 0).any()) == (workers % 2 == 0 and bool((signs.sum(0) == 0).any()))
 

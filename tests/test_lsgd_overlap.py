@@ -27,7 +27,7 @@ SCENARIOS = [
     "tree",
     "chain",
     "overlap",
-    "overlap_chain_val",
+    "overlap_val",
     "overlap_final_sync",
     "overlap_manual_nan",
     "overlap_resume",
@@ -125,6 +125,10 @@ def logged_pulls(result: dict[str, Any]) -> list[dict[str, float]]:
         ({"leader_broadcast": None}, "leader_broadcast"),
         ({"group_size": 2, "overlap_steps": 1}, "overlap_steps=1 .* need group_size=None"),
         ({"group_size": "node", "leader_broadcast": "chain"}, "leader_broadcast='chain' need group_size=None"),
+        (
+            {"tau": 4, "overlap_steps": 1, "leader_broadcast": "chain"},
+            "overlap_steps > 0 needs leader_broadcast='tree'",
+        ),
     ],
 )
 def test_bad_overlap_and_broadcast_arguments_are_refused(kwargs: dict[str, Any], named: str) -> None:
@@ -184,13 +188,13 @@ def test_overlapped_pull_toward_the_stale_leader_matches_simulation(job: Path) -
 
 
 def test_evaluation_waits_for_the_transfer_and_end_of_fit_lands_the_last_pull(job: Path) -> None:
-    """Validation of the leader every 3 steps, three times with a chain round in flight: it waits for the transfer
+    """Validation of the leader every 3 steps, three times with a round in flight: it waits for the transfer
     (never applies the pull early), sees the current leader, and training is the simulation's without validation.
     Fit ends (step 14) inside the round of step 12: its pull is applied then."""
     tau, k = OVERLAP_END["tau"], OVERLAP_END["overlap_steps"]
     workers, starts, pulls, vals = simulate_overlap(tau, k, val_every=VAL_EVERY)
     assert [p["step"] for p in pulls] == [7, 11, STEPS]
-    for rank, result in enumerate(results(job, "overlap_chain_val")):
+    for rank, result in enumerate(results(job, "overlap_val")):
         assert_states_close(result["state"], workers[rank].net.state_dict(), f"rank {rank} final weights")
         assert result["val"] == pytest.approx(vals, rel=1e-5)
         checks = result["validations"]
@@ -247,7 +251,8 @@ def test_resume_with_a_round_in_flight_is_bitwise_exact(job: Path) -> None:
 
 def test_an_exception_during_an_overlapped_round_abandons_it_without_hanging(job: Path) -> None:
     for rank, result in enumerate(results(job, "overlap_exception")):
-        assert result["error"] == f"boom after step {FAIL_STEP}", f"rank {rank}: {result['error']}"
+        # its own error, or (when another rank raised first) the first error, named with its rank
+        assert result["error"].endswith(f"boom after step {FAIL_STEP}"), f"rank {rank}: {result['error']}"
         assert not result["in_flight_after"]
     # the scenarios after it ran on the same process group (the job would have timed out otherwise)
     assert all(r["global_step"] == STEPS for r in results(job, "overlap"))

@@ -13,8 +13,8 @@ from torch import nn
 
 import lsgd_lightning
 from lsgd_lightning import DataParallelStrategy, EASGDStrategy, LSGDStrategy
-from lsgd_lightning.strategies import elect_leader
-from lsgd_lightning.strategies._flat import FlatLayout
+from lsgd_lightning.core.flat import FlatLayout
+from lsgd_lightning.core.rules import elect_leader
 from tests import models
 
 
@@ -119,7 +119,6 @@ def test_election_never_picks_a_non_finite_score() -> None:
 def test_local_score_is_the_window_mean_and_inf_when_not_finite() -> None:
     strategy = LSGDStrategy(leader_window=3)
     strategy.parallel_devices = [torch.device("cpu")]  # what the Trainer would set
-    strategy._losses = torch.zeros(3)
     assert strategy.local_score() == math.inf  # nothing recorded yet
     for value in (1.0, 2.0):
         strategy._record_loss(torch.tensor(value))

@@ -4,8 +4,9 @@
 
 ========================  ==================================================================
 ``"lsgd"``                Leader SGD (:class:`LSGDStrategy`)
+``"lsgd_multi"``          multi-leader Leader SGD, a leader per node (:class:`MultiLeaderLSGDStrategy`)
 ``"easgd"``               synchronous Elastic Averaging SGD (:class:`EASGDStrategy`)
-``"lsgd_async"``          asynchronous Leader SGD on a leader board (:class:`AsyncLSGDStrategy`)
+``"lsgd_async"``          asynchronous Leader SGD (:class:`AsyncLSGDStrategy`)
 ``"easgd_async"``         asynchronous EASGD, the center on a parameter holder (:class:`AsyncEASGDStrategy`)
 ``"downpour"``            DOWNPOUR, asynchronous parameter-server SGD (:class:`DownpourStrategy`)
 ``"dataparallel"``        data-parallel SGD with communication accounting (:class:`DataParallelStrategy`)
@@ -15,36 +16,16 @@
 ``"signum"``              Signum / signSGD with 1-bit majority vote (:class:`SignumStrategy`)
 ========================  ==================================================================
 
-Each name also exists with a ``_spawn`` suffix for the spawn launcher (notebooks, ``python -c``).
+Each name also exists with a ``_spawn`` suffix for the spawn launcher (notebooks, ``python -c`` with an importable
+module). The names work in ``pytorch_lightning.Trainer`` too; its strategy classes are in
+``lsgd_lightning.pytorch_lightning`` (the same classes, built on ``pytorch_lightning``'s base classes).
 """
 
-from .strategies import (
-    ADPSGDStrategy,
-    AsyncEASGDStrategy,
-    AsyncLSGDStrategy,
-    D2Strategy,
-    DataParallelStrategy,
-    DownpourStrategy,
-    DPSGDStrategy,
-    EASGDStrategy,
-    LSGDStrategy,
-    PeriodicCommunicationStrategy,
-    SignumStrategy,
-)
+from . import _twins, strategies
+from .strategies import *  # noqa: F403  (the public classes; their one list is ``strategies.__all__``)
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [
-    "ADPSGDStrategy",
-    "AsyncEASGDStrategy",
-    "AsyncLSGDStrategy",
-    "D2Strategy",
-    "DPSGDStrategy",
-    "DataParallelStrategy",
-    "DownpourStrategy",
-    "EASGDStrategy",
-    "LSGDStrategy",
-    "PeriodicCommunicationStrategy",
-    "SignumStrategy",
-    "__version__",
-]
+__all__ = [*strategies.__all__, "__version__"]
+
+_twins.install()  # pytorch_lightning's registry gets the same names once pytorch_lightning is imported

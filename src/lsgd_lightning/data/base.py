@@ -52,6 +52,16 @@ class ArrayDataset(Dataset):
         return self.transform(image), int(self.labels[index])
 
 
+LOADER_SETTINGS = ("batch_size", "eval_batch_size", "num_workers")
+AUGMENT_SETTINGS = ("augment", "crop_size", "padding", "flip", "mean", "std")
+
+
+def loader_settings(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The loader and augmentation settings among a datamodule constructor's arguments (its ``locals()``), to hand
+    on to :class:`ArrayDataModule` unchanged."""
+    return {name: arguments[name] for name in LOADER_SETTINGS + AUGMENT_SETTINGS}
+
+
 def check_loader_settings(batch_size: int, eval_batch_size: int, num_workers: int) -> None:
     """Raise ``ValueError`` naming the offending loader setting."""
     for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ArrayDataModule, DataError
+from .base import ArrayDataModule, DataError, loader_settings
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +87,7 @@ class CIFAR10DataModule(ArrayDataModule):
         mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
         std: Sequence[float] = (0.2470, 0.2435, 0.2616),
     ) -> None:
-        super().__init__(
-            num_classes=10,
-            in_channels=3,
-            native_size=32,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            augment=augment,
-            crop_size=crop_size,
-            padding=padding,
-            flip=flip,
-            mean=mean,
-            std=std,
-        )
+        super().__init__(num_classes=10, in_channels=3, native_size=32, **loader_settings(locals()))
         self.data_dir = Path(data_dir).expanduser().absolute()
         self.download = download
         self.url = url

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ArrayDataModule, DataError, default_cache_dir, save_atomic
+from .base import ArrayDataModule, DataError, default_cache_dir, loader_settings, save_atomic
 
 
 def stratified_split(labels: np.ndarray, test_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,20 +46,7 @@ class MNIST5kDataModule(ArrayDataModule):
         std: Sequence[float] = (0.3081,),
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        super().__init__(
-            num_classes=10,
-            in_channels=1,
-            native_size=28,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            augment=augment,
-            crop_size=crop_size,
-            padding=padding,
-            flip=flip,
-            mean=mean,
-            std=std,
-        )
+        super().__init__(num_classes=10, in_channels=1, native_size=28, **loader_settings(locals()))
         if not 0 < test_per_class < 500:
             raise ValueError(f"test_per_class must be in 1..499, got {test_per_class}")
         self.test_per_class = int(test_per_class)

@@ -1,21 +1,31 @@
-"""The strategies: one algorithm per module on the shared periodic-communication base."""
+"""The strategies: one algorithm per module, on three bases (periodic, every-step, asynchronous) of one replica base.
+
+``STRATEGIES`` is the one list of the package's strategy classes: importing this package registers each of them (and
+its launcher variants) with Lightning.
+"""
 
 from lightning.pytorch.strategies import StrategyRegistry
 
 from .adpsgd import ADPSGDStrategy
+from .asynchronous import AsynchronousStrategy
+from .base import ReplicaStrategy
 from .d2 import D2Strategy
 from .dataparallel import DataParallelStrategy
 from .downpour import DownpourStrategy
 from .dpsgd import DPSGDStrategy
 from .easgd import EASGDStrategy
 from .easgd_async import AsyncEASGDStrategy
-from .lsgd import LSGDStrategy, elect_leader
+from .every_step import EveryStepStrategy
+from .lsgd import LSGDStrategy
 from .lsgd_async import AsyncLSGDStrategy
-from .periodic import PeriodicCommunicationStrategy
+from .lsgd_multi import MultiLeaderLSGDStrategy
+from .periodic import PeriodicStrategy
 from .signum import SignumStrategy
+from .supervised import SupervisedStrategy
 
-ALL_STRATEGIES = (
+STRATEGIES = (
     LSGDStrategy,
+    MultiLeaderLSGDStrategy,
     EASGDStrategy,
     DataParallelStrategy,
     DPSGDStrategy,
@@ -27,21 +37,25 @@ ALL_STRATEGIES = (
     DownpourStrategy,
 )
 
-for _strategy in ALL_STRATEGIES:
+for _strategy in STRATEGIES:
     _strategy.register_strategies(StrategyRegistry)
 
 __all__ = [
-    "ALL_STRATEGIES",
+    "STRATEGIES",
     "ADPSGDStrategy",
     "AsyncEASGDStrategy",
     "AsyncLSGDStrategy",
+    "AsynchronousStrategy",
     "D2Strategy",
     "DPSGDStrategy",
     "DataParallelStrategy",
     "DownpourStrategy",
     "EASGDStrategy",
+    "EveryStepStrategy",
     "LSGDStrategy",
-    "PeriodicCommunicationStrategy",
+    "MultiLeaderLSGDStrategy",
+    "PeriodicStrategy",
+    "ReplicaStrategy",
     "SignumStrategy",
-    "elect_leader",
+    "SupervisedStrategy",
 ]

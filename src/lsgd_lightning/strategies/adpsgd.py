@@ -46,10 +46,11 @@ import random
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from typing_extensions import override
 
-from ._decentralized import GossipStrategy
-from ._gossip import exchange
+from ..core.gossip import exchange
+from ..core.rules import pair_average, squared_distance, with_local_step
+from .every_step import EveryStepStrategy
 
 AD_PSGD_TOPOLOGIES = ("ring", "complete")
 
@@ -101,17 +102,15 @@ def partners_of(rank: int, pairs: dict[int, int]) -> list[int]:
     return sorted(active for active, passive in pairs.items() if passive == rank)
 
 
-class ADPSGDStrategy(GossipStrategy):
+class ADPSGDStrategy(EveryStepStrategy):
     """AD-PSGD: after every step, pairwise averaging with a random neighbour (active/passive split), keeping the
     local step computed at the weights from before the averaging.
 
     Args:
         topology: ``"ring"`` (default; even number of workers) or ``"complete"`` (any passive for any active).
         seed: seed of the pairing schedule (the same on every rank).
-        eval_on: ``"average"`` (validation/test see the workers' average on every rank) or ``"local"``.
-        final_sync: when ``fit`` ends, every worker takes the workers' average.
-        bucket_cap_mb: largest flat buffer per message, in MiB.
-        **ddp_kwargs: process-group arguments of Lightning's ``DDPStrategy`` (``start_method``, ``timeout``, ...).
+        **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (evaluate the workers' average, or ``"local"``),
+            ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and Lightning's process arguments.
 
     Registered as ``"adpsgd"`` (subprocess launcher) and ``"adpsgd_spawn"`` (spawn launcher).
     """
@@ -123,23 +122,22 @@ class ADPSGDStrategy(GossipStrategy):
         self,
         topology: str = "ring",
         seed: int = 0,
-        eval_on: str = "average",
-        final_sync: bool = True,
-        bucket_cap_mb: float = 25.0,
-        **ddp_kwargs: Any,
+        **kwargs: Any,
     ) -> None:
         if topology not in AD_PSGD_TOPOLOGIES:
             raise ValueError(f"AD-PSGD topology must be one of {AD_PSGD_TOPOLOGIES}, got {topology!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}.")
-        super().__init__(eval_on=eval_on, final_sync=final_sync, bucket_cap_mb=bucket_cap_mb, **ddp_kwargs)
+        super().__init__(**kwargs)
         self.topology = topology
         self.seed = seed
 
+    @override
     def _check_world_size(self, world_size: int) -> None:
         check_bipartite(world_size, self.topology)
 
-    def _communication_round(self) -> dict[str, float] | None:
+    @override
+    def _exchange(self) -> dict[str, float] | None:
         partners = partners_of(self.global_rank, pairing(self.steps, self.world_size, self.topology, self.seed))
         if not partners:
             return None  # nobody to average with this step: the local step stands
@@ -150,16 +148,11 @@ class ADPSGDStrategy(GossipStrategy):
                 theirs = torch.empty_like(current)
                 exchange(self.comm, self.root_device, [(peer, current)], [(peer, theirs)], tag=index)
                 if position == 0:
-                    squared += (current.double() - theirs.double()).square().sum()
-                current = _pair_average(current, theirs)
-            bucket.unpack(current.add_(now - payload))
+                    squared += squared_distance(current, theirs)
+                current = pair_average(current, theirs)
+            bucket.unpack(with_local_step(current, before=payload, after=now))
         return {
             "adpsgd/peer": float(partners[0]),
             "adpsgd/exchanges": float(len(partners)),
             "adpsgd/dist_to_peer": math.sqrt(float(squared)),
         }
-
-
-def _pair_average(mine: Tensor, theirs: Tensor) -> Tensor:
-    # Addition commutes exactly in floating point, so both sides of a pair hold bitwise the same average.
-    return (mine + theirs) / 2

@@ -38,24 +38,25 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from ._decentralized import refuse_sgd_setting, single_sgd
-from ._gossip import gossip, smallest_eigenvalue
-from .dpsgd import DPSGDStrategy, _squared_distance
+from ..core.gossip import Mixing, gossip, smallest_eigenvalue
+from ..core.rules import d2_bracket, squared_distance
+from .checkpoints import restored_flats, saved_flats
+from .checks import refuse_sgd_setting, single_sgd
+from .every_step import EveryStepStrategy
 
 EIGENVALUE_BOUND = -1.0 / 3.0
 
 
-class D2Strategy(DPSGDStrategy):
+class D2Strategy(EveryStepStrategy):
     """D²: decentralized SGD with a correction for workers whose data differ (fixed W, eigenvalues > -1/3).
 
     Args:
         topology: ``"ring"`` (default) or a P x P symmetric doubly stochastic mixing matrix (nested lists).
         lazy: use (W + I) / 2; on by default, which makes any symmetric doubly stochastic W satisfy the condition.
-        eval_on: ``"average"`` (validation/test see the workers' average on every rank) or ``"local"``.
-        final_sync: when ``fit`` ends, every worker takes the workers' average.
-        bucket_cap_mb: largest flat buffer per message, in MiB.
-        **ddp_kwargs: process-group arguments of Lightning's ``DDPStrategy`` (``start_method``, ``timeout``, ...).
+        **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (evaluate the workers' average, or ``"local"``),
+            ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and Lightning's process arguments.
 
     Registered as ``"d2"`` (subprocess launcher) and ``"d2_spawn"`` (spawn launcher).
     """
@@ -67,41 +68,33 @@ class D2Strategy(DPSGDStrategy):
         self,
         topology: str | Sequence[Sequence[float]] = "ring",
         lazy: bool = True,
-        eval_on: str = "average",
-        final_sync: bool = True,
-        bucket_cap_mb: float = 25.0,
-        **ddp_kwargs: Any,
+        **kwargs: Any,
     ) -> None:
         if topology == "exponential":
             raise ValueError(
                 "D² needs a fixed mixing matrix, but topology='exponential' changes W every step. Use 'ring' "
                 "(lazy by default) or a fixed symmetric matrix."
             )
-        super().__init__(
-            topology=topology,
-            lazy=lazy,
-            eval_on=eval_on,
-            final_sync=final_sync,
-            bucket_cap_mb=bucket_cap_mb,
-            **ddp_kwargs,
-        )
+        super().__init__(**kwargs)
+        self.mixing = Mixing(topology, lazy)
         self._previous_half_step: list[Tensor] = []  # y_{t-1} per floating bucket (parameter elements used)
 
+    @override
     def _check_world_size(self, world_size: int) -> None:
-        super()._check_world_size(world_size)
-        assert self.topology is not None
-        matrix = self.topology.static_matrix
+        topology = self.mixing.build(world_size)
+        matrix = topology.static_matrix
         assert matrix is not None
         if not torch.allclose(matrix, matrix.T, atol=1e-9):
             raise ValueError("D² needs a symmetric mixing matrix (W = W^T); the given matrix is not symmetric.")
         smallest = smallest_eigenvalue(matrix)
         if smallest <= EIGENVALUE_BOUND + 1e-9:
             raise ValueError(
-                f"D² needs the mixing matrix's smallest eigenvalue above -1/3, but the {self.topology.name} "
+                f"D² needs the mixing matrix's smallest eigenvalue above -1/3, but the {topology.name} "
                 f"topology with {world_size} workers has {smallest:.6f}. Use lazy=True (W + I) / 2, whose "
                 "eigenvalues are all >= 0."
             )
 
+    @override
     def _check_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
         optimizer = single_sgd(self.algorithm, optimizers)
         why = (
@@ -111,31 +104,32 @@ class D2Strategy(DPSGDStrategy):
         refuse_sgd_setting(self.algorithm, optimizer, "momentum", lambda v: v == 0, why)
         refuse_sgd_setting(self.algorithm, optimizer, "nesterov", lambda v: not v, why)
 
+    @override
     def _on_fresh_start(self) -> None:
         # y_{-1} := X_0 makes the first bracket y_0 + X_0 - y_{-1} = y_0: X_1 = W (X_0 - lr G_0).
         self._previous_half_step = [bucket.pack() for bucket in self.layout.floating_buckets]
 
+    @override
     def _extra_state_dict(self) -> dict[str, Any]:
-        return {"previous_half_step": [t.detach().cpu().clone() for t in self._previous_half_step]}
+        return {"previous_half_step": saved_flats(self._previous_half_step)}
 
+    @override
     def _load_extra_state_dict(self, state: Mapping[str, Any]) -> None:
-        buckets = self.layout.floating_buckets
-        saved = list(state.get("previous_half_step", []))
-        if len(saved) != len(buckets) or any(t.numel() != b.numel for t, b in zip(saved, buckets)):
-            raise RuntimeError("The checkpoint's D² state (previous iterate) does not match this model's parameters.")
-        self._previous_half_step = [t.to(device=b.device, dtype=b.dtype) for t, b in zip(saved, buckets)]
+        saved, buckets = state.get("previous_half_step"), self.layout.floating_buckets
+        self._previous_half_step = restored_flats(saved, buckets, "D² state (previous iterate)")
 
-    def _communication_round(self) -> dict[str, float]:
+    @override
+    def _exchange(self) -> dict[str, float]:
         """X_{t+1} = W (y_t + X_t - y_{t-1}) for parameters, W b for floating-point buffers."""
-        plan = self._mixing_plan()
+        plan = self.mixing.plan(self.global_rank, self.steps)
         squared = torch.zeros((), dtype=torch.float64, device=self.root_device)
         views = self._step_views()
         for index, (bucket, mask, previous, (before, now, _)) in enumerate(
             zip(self.layout.floating_buckets, self._parameter_masks, self._previous_half_step, views)
         ):
-            bracket = torch.where(mask, now + (before - previous), now)
+            bracket = d2_bracket(after=now, before=before, previous_after=previous, is_parameter=mask)
             previous.copy_(now)
             mixed = gossip(plan, bracket, self.comm, self.root_device, tag=index)
-            squared += _squared_distance(mixed, bracket)
+            squared += squared_distance(mixed, bracket)
             bucket.unpack(mixed)
         return {f"{self.strategy_name}/mixing_distance": math.sqrt(float(squared))}

@@ -27,10 +27,12 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
+from typing_extensions import override
 
-from ._asynchronous import AsynchronousStrategy
+from ..core.rules import downpour_push
+from .asynchronous import AsynchronousStrategy
+from .checkpoints import restored_flats, saved_flats
 
 
 class DownpourStrategy(AsynchronousStrategy):
@@ -39,73 +41,52 @@ class DownpourStrategy(AsynchronousStrategy):
 
     Args:
         tau: a worker's optimizer steps between its pushes (>= 1).
-        eval_on: ``"parameters"`` (validation/test see the holder's parameters on every rank) or ``"local"``.
-        final_sync: when ``fit`` ends, every worker takes the holder's parameters.
-        bucket_cap_mb: largest flat buffer per transfer unit, in MiB.
-        **ddp_kwargs: process-group arguments of Lightning's ``DDPStrategy``.
+        **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (evaluate the held parameters, or ``"local"``),
+            ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and Lightning's process arguments.
 
     Registered as ``"downpour"`` (subprocess launcher) and ``"downpour_spawn"`` (spawn launcher).
     """
 
     strategy_name: ClassVar[str] = "downpour"
     reference_name: ClassVar[str] = "parameters"
+    shared_name: ClassVar[str] = "parameters"
 
-    def __init__(
-        self,
-        tau: int = 16,
-        eval_on: str = "parameters",
-        final_sync: bool = True,
-        bucket_cap_mb: float = 25.0,
-        **ddp_kwargs: Any,
-    ) -> None:
-        super().__init__(tau=tau, eval_on=eval_on, final_sync=final_sync, bucket_cap_mb=bucket_cap_mb, **ddp_kwargs)
+    def __init__(self, tau: int = 16, **kwargs: Any) -> None:
+        super().__init__(tau=tau, **kwargs)
         self._fetched: list[Tensor] = []  # per floating bucket: the parameters as last fetched from the holder
         self._is_parameter: list[Tensor] = []  # per floating bucket: True where an element is a parameter
 
+    @override
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
         assert self.lightning_module is not None
         self._is_parameter = self.layout.parameter_masks(self.lightning_module)
 
+    @override
     def _on_fresh_start(self) -> None:
-        self._fetched = [bucket.pack() for bucket in self.layout.floating_buckets]
+        self._fetched = self.layout.pack_floating()
 
-    def _publish_initial(self, resumed_reference: list[Tensor] | None) -> None:
-        self.board.put("parameters", self._floating(resumed_reference or self.layout.pack()))
-
+    @override
     def _communication_round(self) -> dict[str, float]:
-        diverged = self.is_diverged()
-        buckets = self.layout.floating_buckets
-        own = [bucket.pack() for bucket in buckets]
-        with self.board.locked():
-            held = self.board.get("parameters", like=own)
-            if not diverged:
-                for w, x, fetched, is_parameter in zip(held, own, self._fetched, self._is_parameter):
-                    # parameters: w + (x - x_fetched); buffers: this worker's latest statistics
-                    torch.where(is_parameter, w + (x - fetched), x, out=w)
-                self.board.put("parameters", held)
+        own = self.layout.pack_floating()
+
+        def push(own: list[Tensor], held: list[Tensor]) -> list[Tensor]:
+            return [downpour_push(w, x, f, m) for w, x, f, m in zip(held, own, self._fetched, self._is_parameter)]
+
+        diverged, held = self._transact(push)
         metrics: dict[str, float] = {}
-        if diverged:
-            self._reset_to(self._with_own_integers(held), "parameters")
-        else:
+        if not diverged:
             pushed = [(x - f)[m] for x, f, m in zip(own, self._fetched, self._is_parameter)]
             metrics["downpour/update_norm"] = math.sqrt(sum(float(d.double().square().sum()) for d in pushed))
-            for bucket, w in zip(buckets, held):
+            for bucket, w in zip(self.layout.floating_buckets, held):
                 bucket.unpack(w)
         self._fetched = [w.clone() for w in held]
         return metrics
 
-    def _reference_weights(self) -> list[Tensor]:
-        like = [bucket.pack() for bucket in self.layout.floating_buckets]
-        with self.board.locked():
-            return self._with_own_integers(self.board.get("parameters", like=like))
-
+    @override
     def _extra_state_dict(self) -> dict[str, Any]:
-        return {"fetched": [f.detach().cpu().clone() for f in self._fetched]}
+        return {"fetched": saved_flats(self._fetched)}
 
+    @override
     def _load_extra_state_dict(self, state: Mapping[str, Any]) -> None:
-        buckets = self.layout.floating_buckets
-        saved = list(state.get("fetched", []))
-        if len(saved) != len(buckets) or any(f.numel() != b.numel for f, b in zip(saved, buckets)):
-            raise RuntimeError("The checkpoint's DOWNPOUR state does not match this model's parameters.")
-        self._fetched = [f.to(device=b.device, dtype=b.dtype) for f, b in zip(saved, buckets)]
+        self._fetched = restored_flats(state.get("fetched"), self.layout.floating_buckets, "DOWNPOUR state")

@@ -37,23 +37,22 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from typing_extensions import override
 
-from ._decentralized import GossipStrategy
-from ._gossip import BUILTIN_TOPOLOGIES, MixingPlan, Topology, gossip
+from ..core.gossip import Mixing, gossip
+from ..core.rules import squared_distance, with_local_step
+from .every_step import EveryStepStrategy
 
 
-class DPSGDStrategy(GossipStrategy):
+class DPSGDStrategy(EveryStepStrategy):
     """D-PSGD: after every step, average with the neighbours of a gossip graph (point to point), keep the local step.
 
     Args:
         topology: ``"ring"`` (default: weights 1/3 for self and both ring neighbours), ``"exponential"`` (one
             shifting peer per step, weights 1/2) or a P x P doubly stochastic mixing matrix (nested lists).
         lazy: use (W + I) / 2 (every worker keeps half of its own weights).
-        eval_on: ``"average"`` (validation/test see the workers' average on every rank) or ``"local"``.
-        final_sync: when ``fit`` ends, every worker takes the workers' average.
-        bucket_cap_mb: largest flat buffer per message, in MiB.
-        **ddp_kwargs: process-group arguments of Lightning's ``DDPStrategy`` (``start_method``, ``timeout``, ...).
+        **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (evaluate the workers' average, or ``"local"``),
+            ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and Lightning's process arguments.
 
     Registered as ``"dpsgd"`` (subprocess launcher) and ``"dpsgd_spawn"`` (spawn launcher).
     """
@@ -65,37 +64,22 @@ class DPSGDStrategy(GossipStrategy):
         self,
         topology: str | Sequence[Sequence[float]] = "ring",
         lazy: bool = False,
-        eval_on: str = "average",
-        final_sync: bool = True,
-        bucket_cap_mb: float = 25.0,
-        **ddp_kwargs: Any,
+        **kwargs: Any,
     ) -> None:
-        if isinstance(topology, str) and topology not in BUILTIN_TOPOLOGIES:
-            raise ValueError(f"topology must be one of {BUILTIN_TOPOLOGIES} or a P x P matrix, got {topology!r}.")
-        if not isinstance(lazy, bool):
-            raise ValueError(f"lazy must be True or False, got {lazy!r}.")
-        super().__init__(eval_on=eval_on, final_sync=final_sync, bucket_cap_mb=bucket_cap_mb, **ddp_kwargs)
-        self.topology_spec = topology
-        self.lazy = lazy
-        self.topology: Topology | None = None  # built once the number of workers is known
+        super().__init__(**kwargs)
+        self.mixing = Mixing(topology, lazy)
 
+    @override
     def _check_world_size(self, world_size: int) -> None:
-        self.topology = Topology(self.topology_spec, world_size, lazy=self.lazy)
+        self.mixing.build(world_size)
 
-    def _mixing_plan(self) -> MixingPlan:
-        assert self.topology is not None
-        return self.topology.plan(self.global_rank, self.steps)
-
-    def _communication_round(self) -> dict[str, float]:
+    @override
+    def _exchange(self) -> dict[str, float]:
         """x_i <- sum_j W[i, j] x_j + (x_i after the local step - x_i before it); buffers only averaged."""
-        plan = self._mixing_plan()
+        plan = self.mixing.plan(self.global_rank, self.steps)
         squared = torch.zeros((), dtype=torch.float64, device=self.root_device)
         for index, (bucket, (_, now, payload)) in enumerate(zip(self.layout.floating_buckets, self._step_views())):
             mixed = gossip(plan, payload, self.comm, self.root_device, tag=index)
-            squared += _squared_distance(mixed, payload)
-            bucket.unpack(mixed.add_(now - payload))
+            squared += squared_distance(mixed, payload)
+            bucket.unpack(with_local_step(mixed, before=payload, after=now))
         return {f"{self.strategy_name}/mixing_distance": math.sqrt(float(squared))}
-
-
-def _squared_distance(a: Tensor, b: Tensor) -> Tensor:
-    return (a.double() - b.double()).square().sum()

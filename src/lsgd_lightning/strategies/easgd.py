@@ -13,6 +13,8 @@ worker: one all-reduce of the floating-point parameters and buffers, 4·d bytes 
 Integer buffers stay local. The elastic term is applied outside the optimizer, so with SGD + momentum/Nesterov
 (EAMSGD) the momentum never sees it.
 
+The rule itself is :func:`~lsgd_lightning.core.rules.elastic_round`.
+
 Stability: the worker update contracts toward the center only for 0 < alpha < 1, and the center moves a fraction
 P·alpha of the way to the workers' mean, which must not overshoot it: 0 < P·alpha <= 1. Both are enforced
 (the paper's choice alpha = beta / P with beta = 0.9 satisfies them).
@@ -26,21 +28,23 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-from .periodic import PeriodicCommunicationStrategy
+from ..core.rules import elastic_alpha, elastic_round, squared_distance
+from .checkpoints import restored_flats, saved_flats
+from .checks import check_elastic_rates
+from .periodic import PeriodicStrategy
 
 
-class EASGDStrategy(PeriodicCommunicationStrategy):
+class EASGDStrategy(PeriodicStrategy):
     """Synchronous EASGD: every ``tau`` steps, workers and a shared center variable attract each other.
 
     Args:
         tau: optimizer steps between rounds (>= 1).
         beta: total elastic strength; ``alpha = beta / world_size`` unless ``moving_rate`` is given. In (0, 1].
         moving_rate: alpha itself (overrides ``beta``); requires 0 < alpha < 1 and world_size * alpha <= 1.
-        eval_on: ``"center"`` (validation/test see the center variable on every rank) or ``"local"``.
-        final_sync: when ``fit`` ends, every worker takes the center's weights.
-        bucket_cap_mb: largest flat buffer per collective, in MiB.
-        **ddp_kwargs: process-group arguments of Lightning's ``DDPStrategy``.
+        **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (evaluate the center, or ``"local"``),
+            ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and Lightning's process arguments.
 
     Registered as ``"easgd"`` (subprocess launcher) and ``"easgd_spawn"`` (spawn launcher).
     """
@@ -48,29 +52,19 @@ class EASGDStrategy(PeriodicCommunicationStrategy):
     strategy_name: ClassVar[str] = "easgd"
     reference_name: ClassVar[str] = "center"
 
-    def __init__(
-        self,
-        tau: int = 16,
-        beta: float = 0.9,
-        moving_rate: float | None = None,
-        eval_on: str = "center",
-        final_sync: bool = True,
-        bucket_cap_mb: float = 25.0,
-        **ddp_kwargs: Any,
-    ) -> None:
-        check_elastic_rates(beta, moving_rate)
-        super().__init__(tau=tau, eval_on=eval_on, final_sync=final_sync, bucket_cap_mb=bucket_cap_mb, **ddp_kwargs)
-        self.beta = float(beta)
-        self.moving_rate = None if moving_rate is None else float(moving_rate)
+    def __init__(self, tau: int = 16, beta: float = 0.9, moving_rate: float | None = None, **kwargs: Any) -> None:
+        self.beta, self.moving_rate = check_elastic_rates(beta, moving_rate)
+        super().__init__(tau=tau, **kwargs)
         self._center: list[Tensor] = []  # one flat tensor per floating-point bucket of the layout
 
     def alpha_for(self, world_size: int) -> float:
-        return self.moving_rate if self.moving_rate is not None else self.beta / world_size
+        return elastic_alpha(self.beta, self.moving_rate, world_size)
 
     @property
     def alpha(self) -> float:
         return self.alpha_for(self.world_size)
 
+    @override
     def _check_world_size(self, world_size: int) -> None:
         alpha = self.alpha_for(world_size)
         if not (0.0 < alpha < 1.0 and world_size * alpha <= 1.0):
@@ -81,19 +75,19 @@ class EASGDStrategy(PeriodicCommunicationStrategy):
                 "leave it None to use beta / world_size."
             )
 
+    @override
     def _on_fresh_start(self) -> None:
         self._center = [bucket.pack() for bucket in self.layout.floating_buckets]
 
+    @override
     def _extra_state_dict(self) -> dict[str, Any]:
-        return {"center": [c.detach().cpu().clone() for c in self._center]}
+        return {"center": saved_flats(self._center)}
 
+    @override
     def _load_extra_state_dict(self, state: Mapping[str, Any]) -> None:
-        buckets = self.layout.floating_buckets
-        saved = list(state.get("center", []))
-        if len(saved) != len(buckets) or any(c.numel() != b.numel for c, b in zip(saved, buckets)):
-            raise RuntimeError("The checkpoint's EASGD center does not match this model's parameters.")
-        self._center = [c.to(device=b.device, dtype=b.dtype) for c, b in zip(saved, buckets)]
+        self._center = restored_flats(state.get("center"), self.layout.floating_buckets, "EASGD center")
 
+    @override
     def _communication_round(self) -> dict[str, float]:
         alpha, buckets = self.alpha, self.layout.floating_buckets
         diverged = self.is_diverged()
@@ -108,19 +102,17 @@ class EASGDStrategy(PeriodicCommunicationStrategy):
             if healthy == 0:
                 self._raise_all_diverged()
             sums = [self._sum_over_workers(own, poisoned=False, excluded=diverged) for own in owns]
-        squared_distance = torch.zeros((), dtype=torch.float64, device=self.root_device)
-        for bucket, own, total, center in zip(buckets, owns, sums, self._center):
-            toward_center = center - own  # from the values before this round
+        squared = torch.zeros((), dtype=torch.float64, device=self.root_device)
+        for index, (bucket, own, total) in enumerate(zip(buckets, owns, sums)):
             if not diverged:
-                squared_distance += toward_center.double().square().sum()
-            # c <- c + alpha * sum over healthy workers of (x_j - c) = c + n * alpha * (mean - c)
-            center.add_(total.div_(healthy) - center, alpha=healthy * alpha)
+                squared += squared_distance(own, self._center[index])
+            moved, self._center[index] = elastic_round(own, self._center[index], total, healthy, alpha)
             if not diverged:
-                bucket.unpack(own.add_(toward_center, alpha=alpha))
+                bucket.unpack(moved)
         if diverged:
             self._reset_to(self._reference_weights(), "center")
             return {}
-        return {"easgd/dist_to_center": math.sqrt(float(squared_distance))}
+        return {"easgd/dist_to_center": math.sqrt(float(squared))}
 
     def _sum_over_workers(self, own: Tensor, poisoned: bool, excluded: bool = False) -> Tensor:
         if poisoned:
@@ -131,19 +123,8 @@ class EASGDStrategy(PeriodicCommunicationStrategy):
             contribution = own.clone()
         return self.collectives.all_reduce_sum(contribution)
 
+    @override
     def _reference_weights(self) -> list[Tensor]:
         # Floating buckets: the center (identical everywhere, nothing to send); integer buckets: the rank's own.
         center = iter(self._center)
         return [next(center).clone() if bucket.floating else bucket.pack() for bucket in self.layout.buckets]
-
-
-def check_elastic_rates(beta: Any, moving_rate: Any) -> None:
-    """``ValueError`` unless 0 < beta <= 1 and moving_rate is None or in (0, 1) (shared by both EASGD forms)."""
-    if not _is_number(beta) or not (0.0 < beta <= 1.0):
-        raise ValueError(f"beta must be a number in (0, 1] (alpha = beta / world_size), got {beta!r}.")
-    if moving_rate is not None and (not _is_number(moving_rate) or not (0.0 < moving_rate < 1.0)):
-        raise ValueError(f"moving_rate (alpha) must be a number in (0, 1) or None, got {moving_rate!r}.")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -30,9 +30,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-from ._asynchronous import AsynchronousStrategy
-from .easgd import check_elastic_rates
+from ..core.rules import elastic_alpha, elastic_exchange, squared_distance
+from .asynchronous import AsynchronousStrategy
+from .checks import check_elastic_rates
 
 
 class AsyncEASGDStrategy(AsynchronousStrategy):
@@ -42,58 +44,39 @@ class AsyncEASGDStrategy(AsynchronousStrategy):
         tau: a worker's optimizer steps between its rounds (>= 1).
         beta: ``alpha = beta / world_size`` unless ``moving_rate`` is given, in (0, 1].
         moving_rate: alpha itself, in (0, 1) (overrides ``beta``).
-        eval_on: ``"center"`` (validation/test see the center on every rank) or ``"local"``.
-        final_sync: when ``fit`` ends, every worker takes the center.
-        bucket_cap_mb: largest flat buffer per transfer unit, in MiB.
-        **ddp_kwargs: process-group arguments of Lightning's ``DDPStrategy``.
+        **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (evaluate the center, or ``"local"``),
+            ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and Lightning's process arguments.
 
     Registered as ``"easgd_async"`` (subprocess launcher) and ``"easgd_async_spawn"`` (spawn launcher).
     """
 
     strategy_name: ClassVar[str] = "easgd_async"
     reference_name: ClassVar[str] = "center"
+    shared_name: ClassVar[str] = "center"
 
-    def __init__(
-        self,
-        tau: int = 16,
-        beta: float = 0.9,
-        moving_rate: float | None = None,
-        eval_on: str = "center",
-        final_sync: bool = True,
-        bucket_cap_mb: float = 25.0,
-        **ddp_kwargs: Any,
-    ) -> None:
-        check_elastic_rates(beta, moving_rate)
-        super().__init__(tau=tau, eval_on=eval_on, final_sync=final_sync, bucket_cap_mb=bucket_cap_mb, **ddp_kwargs)
-        self.beta = float(beta)
-        self.moving_rate = None if moving_rate is None else float(moving_rate)
+    def __init__(self, tau: int = 16, beta: float = 0.9, moving_rate: float | None = None, **kwargs: Any) -> None:
+        self.beta, self.moving_rate = check_elastic_rates(beta, moving_rate)
+        super().__init__(tau=tau, **kwargs)
 
     @property
     def alpha(self) -> float:
-        return self.moving_rate if self.moving_rate is not None else self.beta / self.world_size
+        return elastic_alpha(self.beta, self.moving_rate, self.world_size)
 
-    def _publish_initial(self, resumed_reference: list[Tensor] | None) -> None:
-        self.board.put("center", self._floating(resumed_reference or self.layout.pack()))
-
+    @override
     def _communication_round(self) -> dict[str, float]:
-        diverged = self.is_diverged()
-        buckets = self.layout.floating_buckets
-        own = [bucket.pack() for bucket in buckets]
-        with self.board.locked():
-            center = self.board.get("center", like=own)
-            if not diverged:
-                deltas = [(x - c).mul_(self.alpha) for x, c in zip(own, center)]
-                self.board.put("center", [c + d for c, d in zip(center, deltas)])
+        moved: list[Tensor] = []
+
+        def exchange(own: list[Tensor], center: list[Tensor]) -> list[Tensor]:
+            pairs = [elastic_exchange(x, c, self.alpha) for x, c in zip(own, center)]
+            moved.extend(x for x, _ in pairs)
+            return [c for _, c in pairs]
+
+        own = self.layout.pack_floating()
+        diverged, _ = self._transact(exchange)
         if diverged:
-            self._reset_to(self._with_own_integers(center), "center")
             return {}
         squared = torch.zeros((), dtype=torch.float64, device=self.root_device)
-        for bucket, x, delta in zip(buckets, own, deltas):
-            squared += delta.double().square().sum()
-            bucket.unpack(x.sub_(delta))
+        for bucket, x, new in zip(self.layout.floating_buckets, own, moved):
+            squared += squared_distance(x, new)  # ||δ|| = alpha ||x - c||
+            bucket.unpack(new)
         return {"easgd/dist_to_center": math.sqrt(float(squared)) / self.alpha}
-
-    def _reference_weights(self) -> list[Tensor]:
-        like = [bucket.pack() for bucket in self.layout.floating_buckets]
-        with self.board.locked():
-            return self._with_own_integers(self.board.get("center", like=like))

@@ -38,9 +38,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-from ._asynchronous import AsynchronousStrategy
-from .lsgd import _check_fraction, elect_leader
+from ..core.rules import elect_leader, leader_pull, squared_distance
+from .asynchronous import AsynchronousStrategy
+from .checks import check_fraction
 
 _NO_LEADER = -1  # the board's rank before any worker posted a finite score (the initial weights are the copy)
 
@@ -53,11 +55,8 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
         tau: a worker's optimizer steps between its rounds (>= 1).
         pull_strength: how far a worker moves toward the leader's copy per round, in [0, 1].
         leader_window: how many recent training losses make a worker's score.
-        eval_on: ``"leader"`` (validation/test see the board's leader copy on every rank) or ``"local"``.
-        final_sync: when ``fit`` ends, every worker takes the board's leader copy.
-        bucket_cap_mb: largest flat buffer per transfer unit, in MiB.
-        **ddp_kwargs: process-group arguments of Lightning's ``DDPStrategy`` (``timeout`` bounds how long a worker
-            waits for one that makes no progress).
+        **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (evaluate the board's leader copy, or ``"local"``),
+            ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and Lightning's process arguments.
 
     Registered as ``"lsgd_async"`` (subprocess launcher) and ``"lsgd_async_spawn"`` (spawn launcher).
     """
@@ -65,26 +64,11 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
     strategy_name: ClassVar[str] = "lsgd_async"
     reference_name: ClassVar[str] = "leader"
     _loss_window_arg: ClassVar[str] = "leader_window"
+    _without_loss: ClassVar[str] = "this worker's score stays +inf (it cannot be elected)"
 
-    def __init__(
-        self,
-        tau: int = 16,
-        pull_strength: float = 0.1,
-        leader_window: int = 10,
-        eval_on: str = "leader",
-        final_sync: bool = True,
-        bucket_cap_mb: float = 25.0,
-        **ddp_kwargs: Any,
-    ) -> None:
-        _check_fraction("pull_strength", pull_strength)
-        super().__init__(
-            tau=tau,
-            eval_on=eval_on,
-            final_sync=final_sync,
-            loss_window=leader_window,
-            bucket_cap_mb=bucket_cap_mb,
-            **ddp_kwargs,
-        )
+    def __init__(self, tau: int = 16, pull_strength: float = 0.1, leader_window: int = 10, **kwargs: Any) -> None:
+        check_fraction("pull_strength", pull_strength)
+        super().__init__(tau=tau, loss_window=leader_window, **kwargs)
         self.pull_strength = float(pull_strength)
         self._resumed_leader: tuple[int, int, float] | None = None  # the board's record saved in the shard
 
@@ -97,6 +81,7 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
     def _write_leader(self, version: int, rank: int, score: float) -> None:
         self.board.set_record("leader", f"{version} {rank} {score!r}")
 
+    @override
     def _publish_initial(self, resumed_reference: list[Tensor] | None) -> None:
         self.board.put("leader", resumed_reference if resumed_reference is not None else self.layout.pack())
         leader = self._resumed_leader if resumed_reference is not None else None
@@ -104,6 +89,7 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
         self._write_leader(version, rank, score)
 
     # ------------------------------------------------------------------------------------------------ a round
+    @override
     def _communication_round(self) -> dict[str, float]:
         score = float(self.round_score())  # NaN: this worker diverged; +inf: no finite loss yet
         diverged = math.isnan(score)
@@ -137,13 +123,13 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
         squared = torch.zeros((), dtype=torch.float64, device=self.root_device)
         for bucket, mine, theirs in zip(self.layout.buckets, own, leader_copy):
             if bucket.floating:
-                difference = theirs - mine
-                squared += difference.double().square().sum()
-                bucket.unpack(mine.add_(difference, alpha=self.pull_strength))
+                squared += squared_distance(mine, theirs)
+                bucket.unpack(leader_pull(mine, theirs, self.pull_strength))
             else:
                 bucket.unpack(theirs)
         return math.sqrt(float(squared))
 
+    @override
     def _settle_board(self) -> None:
         """A last, synchronous election once every worker has finished.
 
@@ -158,13 +144,15 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
             with self.board.locked():
                 self.board.put("leader", self.layout.pack())
                 self._write_leader(version + 1, best, float(scores[best]))
-        super(AsynchronousStrategy, self).barrier("lsgd_lightning.final_election")  # published before anyone reads
+        self.barrier("lsgd_lightning.final_election")  # published before anyone reads
 
+    @override
     def _reference_weights(self) -> list[Tensor]:
         with self.board.locked():
             return self.board.get("leader", like=self.layout.pack())
 
     # ------------------------------------------------------------------------------------------------ checkpoints
+    @override
     def _extra_state_dict(self) -> dict[str, Any]:
         # Saved after the rendezvous, when the board is still: every shard holds the same record.
         if self._board is None:
@@ -172,6 +160,7 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
         version, rank, score = self.read_leader()
         return {"leader": (version, rank, score)}
 
+    @override
     def _load_extra_state_dict(self, state: dict[str, Any]) -> None:
         leader = state.get("leader")
         self._resumed_leader = (int(leader[0]), int(leader[1]), float(leader[2])) if leader is not None else None

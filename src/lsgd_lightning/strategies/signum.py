@@ -39,21 +39,22 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from ._comm import all_gather_single, payload_bytes
-from ._decentralized import AveragedReplicasStrategy, refuse_sgd_setting, single_sgd
-from ._signs import majority_vote, pack_signs, packed_words
+from ..core.collectives import all_gather_single, payload_bytes
+from ..core.rules import signum_momentum, signum_step
+from ..core.signs import majority_vote_packed, pack_signs, packed_words
+from .checks import refuse_sgd_setting, single_sgd
+from .every_step import EveryStepStrategy
 
 
-class SignumStrategy(AveragedReplicasStrategy):
+class SignumStrategy(EveryStepStrategy):
     """Signum with majority vote: workers exchange 1-bit signs of their momentum and all step by the vote.
 
     Args:
-        eval_on: ``"average"`` (validation/test see the parameters with the workers' averaged buffers) or
-            ``"local"``.
-        final_sync: when ``fit`` ends, every worker takes the averaged buffers (parameters are already identical).
-        bucket_cap_mb: float32 coordinates per all-gather, in MiB (the message itself is 32x smaller).
-        **ddp_kwargs: process-group arguments of Lightning's ``DDPStrategy`` (``start_method``, ``timeout``, ...).
+        **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (``"average"``: the parameters with the workers'
+            averaged buffers; or ``"local"``), ``final_sync``, ``bucket_cap_mb`` (float32 coordinates per
+            all-gather: the message is 32x smaller), ``timeout``, ``start_method``, Lightning's process arguments.
 
     Registered as ``"signum"`` (subprocess launcher) and ``"signum_spawn"`` (spawn launcher).
     """
@@ -61,16 +62,15 @@ class SignumStrategy(AveragedReplicasStrategy):
     strategy_name: ClassVar[str] = "signum"
     algorithm: ClassVar[str] = "Signum"
 
-    def __init__(
-        self, eval_on: str = "average", final_sync: bool = True, bucket_cap_mb: float = 25.0, **ddp_kwargs: Any
-    ) -> None:
-        super().__init__(eval_on=eval_on, final_sync=final_sync, bucket_cap_mb=bucket_cap_mb, **ddp_kwargs)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._optimizer: torch.optim.SGD | None = None
         self._momentum: list[Tensor] = []  # m_i, one tensor per trainable parameter, in param-group order
 
     # ------------------------------------------------------------------------------------------------------------
     # Checks and state
     # ------------------------------------------------------------------------------------------------------------
+    @override
     def _check_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
         optimizer = single_sgd(self.algorithm, optimizers)
         refuse_sgd_setting(
@@ -96,12 +96,15 @@ class SignumStrategy(AveragedReplicasStrategy):
         assert self._optimizer is not None
         return [(p, group) for group in self._optimizer.param_groups for p in group["params"] if p.requires_grad]
 
+    @override
     def _on_fresh_start(self) -> None:
         self._momentum = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p, _ in self._trainable()]
 
+    @override
     def _extra_state_dict(self) -> dict[str, Any]:
         return {"momentum": [m.detach().cpu().clone() for m in self._momentum]}
 
+    @override
     def _load_extra_state_dict(self, state: Mapping[str, Any]) -> None:
         params = [p for p, _ in self._trainable()]
         saved = list(state.get("momentum", []))
@@ -112,23 +115,23 @@ class SignumStrategy(AveragedReplicasStrategy):
     # ------------------------------------------------------------------------------------------------------------
     # The step
     # ------------------------------------------------------------------------------------------------------------
+    @override
     def _local_step(self, optimizer: Optimizer) -> AbstractContextManager[None]:
         return _gradients_only(optimizer)  # Lightning runs the closure; SGD's own update is skipped
 
+    @override
     def _after_local_step(self) -> None:
         if self.world_size == 1:
-            self._communication_round()  # local Signum: the vote of one
+            self._exchange()  # local Signum: the vote of one
         else:
-            self._run_round()  # counts the round and logs its metrics
+            super()._after_local_step()  # counts the round and logs its metrics
 
+    @override
     @torch.no_grad()
-    def _communication_round(self) -> dict[str, float]:
+    def _exchange(self) -> dict[str, float]:
         trainable = self._trainable()
         for (param, group), momentum in zip(trainable, self._momentum):
-            beta = float(group["momentum"])
-            momentum.mul_(beta)
-            if param.grad is not None:
-                momentum.add_(param.grad, alpha=1 - beta)
+            momentum.copy_(signum_momentum(momentum, param.grad, float(group["momentum"])))
         own = (
             torch.cat([m.reshape(-1) for m in self._momentum])
             if self._momentum
@@ -139,8 +142,7 @@ class SignumStrategy(AveragedReplicasStrategy):
         for param, group in trainable:
             direction = vote[offset : offset + param.numel()].view_as(param).to(param.dtype)
             offset += param.numel()
-            lr, weight_decay = float(group["lr"]), float(group["weight_decay"])
-            param.add_(direction.add(param, alpha=weight_decay), alpha=-lr)
+            param.copy_(signum_step(param, direction, float(group["lr"]), float(group["weight_decay"])))
         numel = max(1, own.numel())
         own_sign = torch.where(own >= 0, 1, -1).to(torch.int8)
         return {
@@ -161,9 +163,10 @@ class SignumStrategy(AveragedReplicasStrategy):
                 with self.comm.timed(self.root_device):
                     all_gather_single(gathered, words)
                 words = gathered
-            votes.append(majority_vote(words.view(self.world_size, -1), part.numel()))
+            votes.append(majority_vote_packed(words.view(self.world_size, -1), part.numel()))
         return torch.cat(votes) if votes else torch.zeros(0, dtype=torch.int8, device=own.device)
 
+    @override
     def _reference_weights(self) -> list[Tensor]:
         """The parameters (identical on every worker) with the workers' averaged floating-point buffers."""
         averaged = super()._reference_weights()

@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._comm import CommMeter, payload_bytes
+from .collectives import CommMeter, payload_bytes
+from .rules import gossip_mix
 
 BUILTIN_TOPOLOGIES = ("ring", "exponential")
 _TOLERANCE = 1e-6
@@ -111,9 +112,8 @@ class Topology:
         self.time_varying = spec == "exponential"
         self._static: Tensor | None = None
         self._plans: dict[tuple[int, int], MixingPlan] = {}
+        check_topology_spec(spec)
         if isinstance(spec, str):
-            if spec not in BUILTIN_TOPOLOGIES:
-                raise ValueError(f"topology must be one of {BUILTIN_TOPOLOGIES} or a P x P matrix, got {spec!r}.")
             if spec == "ring":
                 self._static = self._maybe_lazy(ring_matrix(world_size))
         else:
@@ -145,6 +145,38 @@ class Topology:
         if plan is None:
             plan = self._plans[key] = plan_from_matrix(self.matrix(step), rank)
         return plan
+
+
+class Mixing:
+    """A gossip strategy's topology setting: checked when given, built into a :class:`Topology` once P is known.
+
+    Args:
+        spec: ``"ring"``, ``"exponential"`` or a P x P matrix (checked when built).
+        lazy: use (W + I) / 2.
+    """
+
+    def __init__(self, spec: str | Sequence[Sequence[float]] | Tensor, lazy: bool) -> None:
+        check_topology_spec(spec)
+        if not isinstance(lazy, bool):
+            raise ValueError(f"lazy must be True or False, got {lazy!r}.")
+        self.spec, self.lazy = spec, lazy
+        self.topology: Topology | None = None
+
+    def build(self, world_size: int) -> Topology:
+        """The topology for ``world_size`` workers (``ValueError`` for a matrix that does not fit)."""
+        self.topology = Topology(self.spec, world_size, lazy=self.lazy)
+        return self.topology
+
+    def plan(self, rank: int, step: int) -> MixingPlan:
+        """This rank's row of W after optimizer step ``step``."""
+        assert self.topology is not None, "built when the Trainer is"
+        return self.topology.plan(rank, step)
+
+
+def check_topology_spec(spec: Any) -> None:
+    """``ValueError`` for a topology name that does not exist (a matrix is checked once P is known)."""
+    if isinstance(spec, str) and spec not in BUILTIN_TOPOLOGIES:
+        raise ValueError(f"topology must be one of {BUILTIN_TOPOLOGIES} or a P x P matrix, got {spec!r}.")
 
 
 def check_mixing_matrix(spec: Any, world_size: int) -> Tensor:
@@ -216,7 +248,5 @@ def gossip(plan: MixingPlan, flat: Tensor, meter: CommMeter, device: torch.devic
     """``sum_j W[i, j] x_j`` for this worker's flat tensor ``flat`` (its neighbours call this at the same time)."""
     received = [(source, torch.empty_like(flat)) for source, _ in plan.receive_from]
     exchange(meter, device, [(target, flat) for target in plan.send_to], received, tag=tag)
-    mixed = flat * plan.self_weight
-    for (_, weight), (_, tensor) in zip(plan.receive_from, received):
-        mixed.add_(tensor, alpha=weight)
-    return mixed
+    weighted = [(weight, tensor) for (_, weight), (_, tensor) in zip(plan.receive_from, received)]
+    return gossip_mix(flat, plan.self_weight, weighted)

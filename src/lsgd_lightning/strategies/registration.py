@@ -1,11 +1,9 @@
-"""Registration of strategy names and rank-local metric logging, shared by every strategy of the package."""
+"""Registration of the strategy names with Lightning."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-import lightning.pytorch as pl
 from lightning.fabric.strategies import _StrategyRegistry
 
 
@@ -24,9 +22,3 @@ def register_launcher_variants(registry: _StrategyRegistry, strategy_cls: type, 
                 start_method=start_method,
                 **init_params,
             )
-
-
-def log_rank_local(module: pl.LightningModule | None, metrics: Mapping[str, float]) -> None:
-    """Log ``metrics`` through Lightning without syncing: a synced log would add a collective every time."""
-    if metrics and module is not None and module._trainer is not None:
-        module.log_dict(dict(metrics), on_step=True, on_epoch=False, sync_dist=False, batch_size=1)

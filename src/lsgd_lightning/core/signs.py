@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .rules import majority_vote
+
 BITS_PER_WORD = 32
 
 
@@ -46,14 +48,10 @@ def unpack_signs(words: Tensor, numel: int) -> Tensor:
     return unpack_bits(words, numel).to(torch.int8) * 2 - 1
 
 
-def majority_vote(gathered: Tensor, numel: int) -> Tensor:
-    """sign(sum of the workers' signs) per coordinate, as int8 in {-1, 0, +1} (0: a tie, only for an even count).
-
-    ``gathered`` holds one row of packed words per worker (shape ``(workers, words)``).
-    """
-    workers = gathered.shape[0]
+def majority_vote_packed(gathered: Tensor, numel: int) -> Tensor:
+    """:func:`~.rules.majority_vote` over packed signs: ``gathered`` holds one row of words per worker
+    (shape ``(workers, words)``); returns ``numel`` votes as int8 in {-1, 0, +1}."""
     positive = torch.zeros(numel, dtype=torch.int32, device=gathered.device)
     for row in gathered:  # one worker at a time: memory stays O(numel), not O(workers * numel)
         positive += unpack_bits(row, numel)
-    # sum of signs = positives - negatives = 2 * positives - workers
-    return torch.sign(2 * positive - workers).to(torch.int8)
+    return majority_vote(positive, gathered.shape[0])

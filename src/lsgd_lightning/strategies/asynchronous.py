@@ -1,23 +1,23 @@
 """The common part of the asynchronous strategies (asynchronous LSGD and EASGD, DOWNPOUR).
 
 In the synchronous strategies a round is a collective: every worker waits for the slowest. Here a worker's round is
-a transaction on shared state kept on the job's store (:class:`~._board.StoreBoard`): after every ``tau``-th of its
-*own* optimizer steps a worker takes the board's lock, reads and/or writes the shared weights, releases it and goes
-on. Nobody waits for anybody except for the lock, which is held for one transfer.
+a transaction on shared state kept on the job's store (:class:`~lsgd_lightning.core.board.StoreBoard`): after every
+``tau``-th of its *own* optimizer steps a worker takes the board's lock, reads and/or writes the shared weights,
+releases it and goes on. Nobody waits for anybody except for the lock, which is held for one transfer.
 
 Where workers do meet (what keeps Lightning's contract, checkpoints and the end of training correct):
 
 - Every rank still takes the same number of optimizer steps (Lightning's ``DistributedSampler`` gives every rank the
   same number of batches, checked when training starts), so every rank reaches the same points of the fit loop.
-- Before any collective that Lightning or a callback runs through the strategy (``barrier``, ``broadcast``,
-  ``reduce``, ``all_gather``: checkpointing, ``sync_dist`` logging, early stopping), before evaluation on the shared
-  model and at the end of training, workers rendezvous on the store. A fast worker waits there for the slow ones for
-  as long as they keep stepping (a collective would give up after the process group's timeout); it fails with the
-  culprit's rank if one of them raised or stopped stepping for ``timeout``.
-- Lightning (2.5+) also broadcasts rank 0's SIGTERM flag before *every* training step of a distributed run, which
-  would put the workers in lockstep. For these strategies that per-step collective is replaced on the trainer's
-  training loop by a flag on the store: a worker that received SIGTERM posts it, and every worker checks it before
-  each step and stops with Lightning's ``SIGTERMException``, as it would have.
+- Before every collective on ``torch.distributed`` that anyone runs during the fit (Lightning's checkpointing and
+  ``sync_dist`` logging, torchmetrics' syncs, early stopping, a callback's own collectives), before evaluation on the
+  shared model and at the end of training, workers rendezvous on the store
+  (:class:`~lsgd_lightning.core.guard.CollectiveGuard`). A fast worker waits there for the slow ones for as long as
+  they keep training (a collective would give up after the process group's timeout); it fails with the culprit's
+  rank if one of them raised or started no batch for ``timeout``.
+- Lightning's per-step SIGTERM broadcast is replaced by a flag on the store (:mod:`.job_control`), as for every
+  strategy of the package; a SIGTERM stops every worker at a common batch (the fast ones wait there for the slow
+  ones to catch up, so that a checkpoint written on the way out holds every worker at the same step).
 - So stragglers do not slow the others *within* an epoch (or between validation runs and checkpoints); at those
   points, and at the end, the job still waits for the slowest worker. Log training metrics rank-locally
   (``sync_dist=False``, the default): a synced log in ``training_step`` turns every step into a rendezvous.
@@ -32,32 +32,30 @@ A subclass implements :meth:`_communication_round` (one transaction on ``self.bo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
+from typing_extensions import override
 
-from ._board import StoreBoard
-from .periodic import PeriodicCommunicationStrategy
+from ..core.board import StoreBoard
+from ..core.guard import CollectiveGuard
+from .periodic import PeriodicStrategy
 
 
-class AsynchronousStrategy(PeriodicCommunicationStrategy):
+class AsynchronousStrategy(PeriodicStrategy):
     """Base: rounds are transactions on a :class:`StoreBoard`; workers meet only where Lightning needs them to.
 
     Subclasses implement :meth:`_communication_round`, :meth:`_reference_weights` and :meth:`_publish_initial`.
     """
 
-    asynchronous: ClassVar[bool] = True
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._board: StoreBoard | None = None
-        self._board_active = False  # between setup of a fit and the end of training: rendezvous before collectives
-        self._patched_loop: Any = None  # the training loop whose per-step SIGTERM broadcast is replaced
+        self._guard = CollectiveGuard(self._meet)  # installed between the board's setup and the end of training
 
     @property
     def board(self) -> StoreBoard:
@@ -65,10 +63,33 @@ class AsynchronousStrategy(PeriodicCommunicationStrategy):
             raise RuntimeError(f"{type(self).__name__}: the board exists only while fitting with several workers.")
         return self._board
 
+    shared_name: ClassVar[str] = "shared"  # the board entry of the shared floating-point model (center, parameters)
+
     def _publish_initial(self, resumed_reference: list[Tensor] | None) -> None:
         """Rank 0, once per fit, before any round: put the shared state on the board (a fresh start has
-        ``resumed_reference=None`` and every worker holds the same initial weights)."""
-        raise NotImplementedError
+        ``resumed_reference=None`` and every worker holds the same initial weights). Default: the floating-point
+        buckets as the shared model."""
+        self.board.put(self.shared_name, self._floating(resumed_reference or self.layout.pack()))
+
+    def _transact(self, update: Callable[[list[Tensor], list[Tensor]], list[Tensor]]) -> tuple[bool, list[Tensor]]:
+        """One round on the shared model: under the lock, read it and (unless this worker diverged) write back
+        ``update(own, shared)``. Returns (diverged, the shared model as written, or as read if diverged)."""
+        diverged = self.is_diverged()
+        own = [bucket.pack() for bucket in self.layout.floating_buckets]
+        with self.board.locked():
+            shared = self.board.get(self.shared_name, like=own)
+            if not diverged:
+                shared = update(own, shared)
+                self.board.put(self.shared_name, shared)
+        if diverged:
+            self._reset_to(self._with_own_integers(shared), self.reference_name)
+        return diverged, shared
+
+    @override
+    def _reference_weights(self) -> list[Tensor]:
+        like = [bucket.pack() for bucket in self.layout.floating_buckets]
+        with self.board.locked():
+            return self._with_own_integers(self.board.get(self.shared_name, like=like))
 
     def _floating(self, flats: list[Tensor]) -> list[Tensor]:
         """The floating-point buckets of packed ``flats`` (what EASGD's center and DOWNPOUR's holder keep)."""
@@ -80,44 +101,29 @@ class AsynchronousStrategy(PeriodicCommunicationStrategy):
         return [next(shared) if bucket.floating else bucket.pack() for bucket in self.layout.buckets]
 
     # ------------------------------------------------------------------------------------------------ lifecycle
+    @override
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
         if trainer.state.fn != TrainerFn.FITTING or self.world_size == 1:
             return
-        assert self._failure_board is not None
-        timeout_s = self._timeout.total_seconds() if self._timeout is not None else 1800.0
+        assert self._health is not None
         self._board = StoreBoard(
-            f"{self._failure_board.prefix}/async",
+            f"{self._health.prefix}/async",
             self.global_rank,
             self.world_size,
-            timeout_s,
+            self._timeout_s(),
             self.comm,
             self.root_device,
-            failure_prefix=self._failure_board.prefix,
+            health=self._health,
         )
         if self.is_global_zero:
             self._publish_initial(self._resumed_reference_flats())
-        self.board.post_progress(self._steps)
         self._resumed_main_state_dict = None
         super().barrier("lsgd_lightning.async_board_ready")  # nobody reads the board before rank 0 has filled it
-        self._board_active = True
-        self._replace_sigterm_broadcast(trainer)
+        self._guard.install()
 
-    def _replace_sigterm_broadcast(self, trainer: pl.Trainer) -> None:
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):  # Lightning's per-step collective (see module doc)
-            epoch_loop._broadcast_sigterm_tensor = self._check_sigterm  # type: ignore[method-assign]
-            self._patched_loop = epoch_loop
-
-    def _check_sigterm(self) -> None:
-        """Stop every worker, each before its next step, once any of them received SIGTERM (no collective)."""
-        if not self._board_active:
-            return
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is not None and getattr(trainer, "received_sigterm", False):
-            self.board.set_record("sigterm", str(self.global_rank))
-        if self.board.has_record("sigterm"):
-            raise SIGTERMException()
+    def _meet(self, what: str) -> None:
+        self.board.rendezvous(what)
 
     def _resumed_reference_flats(self) -> list[Tensor] | None:
         """The shared model saved in the checkpoint's main file, packed like the layout (None on a fresh start)."""
@@ -134,65 +140,39 @@ class AsynchronousStrategy(PeriodicCommunicationStrategy):
             flats.append(torch.cat(parts) if parts else flat)
         return flats
 
+    @override
     def _comm_metrics(self) -> dict[str, float]:
         # The board's running number of the round's transaction: shows (and lets tests replay) the interleaving.
         return {**super()._comm_metrics(), "async/transaction": float(self.board.transaction)}
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
-        output = super().optimizer_step(*args, **kwargs)
-        if self._board_active:
-            self.board.post_progress(self._steps)  # heartbeat: those waiting for this worker see it is alive
-        return output
-
+    @override
     def _swap_in_reference(self) -> None:
-        if self._board_active and self.eval_on != "local":
+        if self._guard.installed and self.eval_on != "local" and not self._evaluating_checkpoint:
             # Evaluate once everyone got here: the board is then still and every rank sees the same version.
             self.board.rendezvous("evaluation on the shared model")
-        super()._swap_in_reference()
+        with self._guard.bypass():
+            super()._swap_in_reference()
 
+    @override
     def on_train_end(self) -> None:
-        if not self._board_active:
+        if not self._guard.installed:
             return super().on_train_end()
         self.board.rendezvous("the end of training")  # every worker has finished: the board no longer changes
-        self._settle_board()
-        super().on_train_end()  # final sync: read the shared model from the board
-        super().barrier("lsgd_lightning.async_end")  # rank 0 serves the store: keep it until everyone has read
-        self._board_active = False
+        with self._guard.bypass():
+            self._settle_board()
+            super().on_train_end()  # final sync: read the shared model from the board
+            super().barrier("lsgd_lightning.async_end")  # rank 0 serves the store: keep it until everyone has read
+        self._guard.uninstall()
 
     def _settle_board(self) -> None:
         """At the end of training, with every worker present: bring the board up to date (a collective)."""
 
+    @override
     def on_exception(self, exception: BaseException) -> None:
-        self._board_active = False
+        self._guard.uninstall()
         super().on_exception(exception)
 
+    @override
     def teardown(self) -> None:
-        self._board_active = False
-        if self._patched_loop is not None:  # back to Lightning's own method
-            vars(self._patched_loop).pop("_broadcast_sigterm_tensor", None)
-            self._patched_loop = None
+        self._guard.uninstall()
         super().teardown()
-
-    # ------------------------------------------------------------------------------------------------ collectives
-    # Lightning and callbacks reach the other workers through these; a rendezvous first lets a fast worker wait
-    # for a slow but live one without running into the collective's timeout.
-    def _meet(self, what: str) -> None:
-        if self._board_active:
-            self.board.rendezvous(what)
-
-    def barrier(self, name: str | None = None, *args: Any, **kwargs: Any) -> None:
-        self._meet(f"barrier {name or ''}".strip())
-        super().barrier(name, *args, **kwargs)
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        self._meet("a broadcast")
-        return super().broadcast(obj, src)
-
-    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
-        if isinstance(tensor, Tensor):  # non-tensors are returned as they are, without a collective
-            self._meet("a reduction (sync_dist logging?)")
-        return super().reduce(tensor, group=group, reduce_op=reduce_op)
-
-    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
-        self._meet("an all_gather")
-        return super().all_gather(tensor, group=group, sync_grads=sync_grads)

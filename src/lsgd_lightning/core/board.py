@@ -11,11 +11,11 @@ unique to one ``fit``:
 - flat tensors (weights), cut into pieces of at most :data:`PIECE_BYTES` (the libuv store refuses messages over
   8 MiB); a reader under the lock always gets one complete version;
 - small text records (e.g. the leader's rank and score);
-- each worker's step count (its heartbeat) and a rendezvous that waits for every worker to reach the same point.
+- a rendezvous that waits for every worker to reach the same point (watching their heartbeats).
 
 Waiting never hangs: while a worker waits for the lock or a rendezvous it watches the workers it waits for. It gives
-up with an error naming them if one of them posted a failure (the failure board of :mod:`._failures`) or if none of
-them took an optimizer step for ``timeout_s`` seconds (killed, hung, or stopped early). A slow worker that is still
+up with an error naming them if one of them posted a failure (the fit's :class:`~.health.HealthBoard`) or if none of
+them started a training batch for ``timeout_s`` seconds (killed, hung, or stopped early). A slow worker that is still
 stepping is waited for as long as it keeps stepping.
 
 Costs: everything travels through the rank-0 process, like a parameter server. Reading or writing d float32 values
@@ -28,13 +28,13 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._comm import CommMeter
+from .collectives import CommMeter
+from .health import HealthBoard
 
 PIECE_BYTES = 4 << 20  # below the libuv TCPStore's 8 MiB limit per message
 _FREE = ""  # value of the lock key when nobody holds it (compare_set treats a missing key as "")
@@ -53,7 +53,7 @@ class StoreBoard:
         timeout_s: how long a waiting worker tolerates no progress from those it waits for.
         meter: where the bytes and seconds of transfers are counted.
         device: where tensors read from the board are placed.
-        failure_prefix: the failure board's prefix, whose ``failed/<rank>`` keys name workers that raised.
+        health: the fit's :class:`~.health.HealthBoard`: who failed, and each worker's heartbeat.
     """
 
     def __init__(
@@ -64,20 +64,18 @@ class StoreBoard:
         timeout_s: float,
         meter: CommMeter,
         device: torch.device,
-        failure_prefix: str | None = None,
+        health: HealthBoard,
         store: dist.Store | None = None,
     ) -> None:
         base = store if store is not None else dist.distributed_c10d._get_default_store()
+        # No set_timeout: it would pass on to the job's shared store. Every key read here exists when it is read.
         self.store = dist.PrefixStore(f"{prefix}/", base)
-        # Single reads and writes are short; a get on a key that was never written must fail fast, not hang.
-        self.store.set_timeout(timedelta(seconds=max(30.0, timeout_s)))
-        self.base_store = base
+        self.health = health
         self.rank = rank
         self.world_size = world_size
         self.timeout_s = timeout_s
         self.meter = meter
         self.device = device
-        self.failure_prefix = failure_prefix
         self._rendezvous_count = 0
         self.holds_lock = False
         self.transaction = 0  # number of the last transaction this worker ran: the board's order of transactions
@@ -143,26 +141,7 @@ class StoreBoard:
     def has_record(self, name: str) -> bool:
         return self.store.check([f"r/{name}"])
 
-    # ---------------------------------------------------------------------------------------------- progress
-    def post_progress(self, steps: int) -> None:
-        """This worker's heartbeat: the number of optimizer steps it has taken."""
-        self.store.set(f"p/{self.rank}", str(steps))
-
-    def progress(self, ranks: Sequence[int]) -> list[str]:
-        keys = [f"p/{r}" for r in ranks]
-        present = [self.store.check([key]) for key in keys]
-        return [self.store.get(key).decode() if ok else "" for key, ok in zip(keys, present)]
-
-    def failure(self, ranks: Sequence[int]) -> tuple[int, str] | None:
-        """The first of ``ranks`` that posted an error on the failure board, with its message."""
-        if self.failure_prefix is None:
-            return None
-        for rank in ranks:
-            key = f"{self.failure_prefix}/failed/{rank}"
-            if self.base_store.check([key]):
-                return rank, self.base_store.get(key).decode(errors="replace")
-        return None
-
+    # ---------------------------------------------------------------------------------------------- meeting
     def rendezvous(self, what: str) -> None:
         """Return once every worker has called ``rendezvous`` as often as this one (the n-th call meets the n-th)."""
         self._rendezvous_count += 1
@@ -181,12 +160,12 @@ class StoreBoard:
 
 
 class _Watch:
-    """Progress watchdog of a waiting worker: raise if those it waits for failed or stopped stepping."""
+    """Progress watchdog of a waiting worker: raise if those it waits for failed or stopped training."""
 
     def __init__(self, board: StoreBoard, what: str) -> None:
         self.board = board
         self.what = what
-        self.last_seen: dict[int, str] = {}
+        self.last_seen: dict[int, int] = {}
         now = time.monotonic()
         self.deadline = now + board.timeout_s
         self.next_check = now + 0.5
@@ -199,18 +178,19 @@ class _Watch:
             return
         now = time.monotonic()
         self.next_check = now + 0.5
-        failed = self.board.failure(ranks)
+        failed = self.board.health.failure(ranks)
         if failed is not None:
             rank, message = failed
             raise RuntimeError(
                 f"rank {self.board.rank} was waiting for {self.what} and rank {rank} failed with {message}"
             )
-        seen = dict(zip(ranks, self.board.progress(ranks)))
+        seen = dict(zip(ranks, self.board.health.progress(ranks)))
         if any(self.last_seen.get(r) != s for r, s in seen.items()):
             self.last_seen.update(seen)
             self.deadline = now + self.board.timeout_s  # someone we wait for is still stepping
         elif now > self.deadline:
             raise BoardTimeout(
                 f"rank {self.board.rank} timed out waiting for {self.what}: rank(s) {list(ranks)} took no optimizer "
-                f"step for {self.board.timeout_s:g} s and reported no error (killed, hung, or stopped early)."
+                f"step for {self.board.timeout_s:g} s (started no training batch) and reported no error (killed, "
+                "hung, or stopped early)."
             )

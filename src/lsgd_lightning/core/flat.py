@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 
@@ -89,6 +90,10 @@ class FlatLayout:
     def pack(self) -> list[Tensor]:
         return [b.pack() for b in self.buckets]
 
+    def pack_floating(self) -> list[Tensor]:
+        """The floating-point buckets, packed (what the strategies mix, average or hold)."""
+        return [b.pack() for b in self.floating_buckets]
+
     def unpack(self, flats: Iterable[Tensor]) -> None:
         for bucket, flat in zip(self.buckets, flats):
             bucket.unpack(flat)
@@ -106,6 +111,13 @@ class FlatLayout:
             )
             for bucket in self.floating_buckets
         ]
+
+    def broadcast_(self, src: int, group: object = None) -> None:
+        """Every rank takes ``src``'s parameters and buffers, in place (one broadcast per bucket)."""
+        for bucket in self.buckets:
+            flat = bucket.pack()
+            dist.broadcast(flat, src=src, group=group)
+            bucket.unpack(flat)
 
     def named_tensors(self, flats: Iterable[Tensor]) -> dict[str, Tensor]:
         """``{name: tensor}`` for packed ``flats`` (e.g. to build a state dict of another worker's weights)."""

@@ -1,0 +1,199 @@
+"""Every validator of the strategies' settings, in one place: a bad value is a ``ValueError`` that names the setting
+and what is allowed, raised when the strategy or the Trainer is built (before any process group exists) where the
+value is known by then, else when training starts, on every rank alike."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.optim import Optimizer
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (``bool`` excluded)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def check_fraction(name: str, value: Any) -> None:
+    """A number in [0, 1] (pull strengths)."""
+    if not is_number(value) or not (0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        names = [repr(c) for c in choices]
+        allowed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+
+
+def check_positive(name: str, value: Any, unit: str = "") -> None:
+    if not is_number(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number{unit}, got {value!r}.")
+
+
+# DDPStrategy arguments that make sense without the DDP wrapper (beside ``timeout`` and ``start_method``).
+PROCESS_KWARGS = frozenset(
+    {"accelerator", "parallel_devices", "cluster_environment", "checkpoint_io", "precision_plugin"}
+    | {"process_group_backend"}
+)
+
+
+def check_process_kwargs(strategy: str, kwargs: Mapping[str, Any]) -> None:
+    """``TypeError`` naming every argument a strategy without the DDP wrapper cannot take."""
+    unsupported = sorted(set(kwargs) - PROCESS_KWARGS)
+    if unsupported:
+        raise TypeError(
+            f"{strategy} got unsupported argument(s) {', '.join(unsupported)}: it never wraps the model in "
+            "DistributedDataParallel, so only these DDPStrategy arguments apply: "
+            f"{', '.join(sorted(PROCESS_KWARGS | {'timeout', 'start_method'}))}."
+        )
+
+
+def refuse_sync_batchnorm(strategy: str, layer_sync: Any) -> None:
+    """``ValueError`` for ``Trainer(sync_batchnorm=True)`` with a strategy whose workers train their own replicas."""
+    if layer_sync is not None:
+        raise ValueError(
+            f"{strategy} does not support Trainer(sync_batchnorm=True): SyncBatchNorm communicates on every forward "
+            "pass, which defeats local training. Use sync_batchnorm=False; each worker then keeps its own BatchNorm "
+            "statistics, which the rounds mix like other buffers."
+        )
+
+
+LEADER_BROADCASTS = ("tree", "chain")
+
+
+def check_leader_options(
+    tau: Any, pull_strength: Any, overlap_steps: Any, leader_broadcast: Any, others: Mapping[str, Any]
+) -> None:
+    """Leader SGD's settings (``others``: the remaining keyword arguments, where group options do not belong)."""
+    for name in ("local_tau", "local_pull_strength"):
+        if name in others:
+            raise ValueError(f"{name} needs group_size ('node' or an int): without groups there is one leader.")
+    check_int("tau", tau, minimum=1)
+    check_fraction("pull_strength", pull_strength)
+    check_int("overlap_steps", overlap_steps, minimum=0)
+    check_choice("leader_broadcast", leader_broadcast, LEADER_BROADCASTS)
+    if overlap_steps >= tau:
+        raise ValueError(
+            f"overlap_steps ({overlap_steps}) must be smaller than tau ({tau}): a round's pull must land before the "
+            "next round starts, so that at most one round is in flight."
+        )
+    if overlap_steps > 0 and leader_broadcast == "chain":
+        raise ValueError(
+            "overlap_steps > 0 needs leader_broadcast='tree': an overlapped round travels as asynchronous "
+            "collectives, and the chain's forwarding cannot run in the background (gloo's point-to-point operations "
+            "report no completion until waited for)."
+        )
+
+
+def check_chain_devices(leader_broadcast: str, devices: Sequence[torch.device]) -> None:
+    """The chain broadcast moves CPU tensors point to point over gloo: refused on GPUs."""
+    if leader_broadcast == "chain" and any(device.type != "cpu" for device in devices):
+        raise ValueError(
+            "leader_broadcast='chain' sends CPU tensors point to point over gloo; on GPUs use 'tree' (NCCL's "
+            "broadcast is already pipelined, and gloo cannot send CUDA tensors point to point)."
+        )
+
+
+def check_multi_leader_options(
+    group_size: Any, local_tau: Any, local_pull_strength: Any, overlap_steps: Any, leader_broadcast: Any
+) -> None:
+    """Multi-leader LSGD's group settings; the overlap and the chain are single-leader options."""
+    if overlap_steps != 0 or leader_broadcast != "tree":
+        raise ValueError(
+            f"overlap_steps={overlap_steps} and leader_broadcast={leader_broadcast!r} need group_size=None: "
+            "overlapped rounds and the chain broadcast are single-leader options (multi-leader rounds already keep "
+            "most traffic inside the groups)."
+        )
+    is_count = isinstance(group_size, int) and not isinstance(group_size, bool) and group_size >= 1
+    if group_size != "node" and not is_count:
+        raise ValueError(f"group_size must be None, 'node' or an integer >= 1, got {group_size!r}.")
+    if local_tau is not None:
+        check_int("local_tau", local_tau, minimum=1)
+    if local_pull_strength is not None:
+        check_fraction("local_pull_strength", local_pull_strength)
+
+
+def check_elastic_rates(beta: Any, moving_rate: Any) -> tuple[float, float | None]:
+    """EASGD's strengths: 0 < beta <= 1 and moving_rate (alpha) None or in (0, 1) (both EASGD forms); returns them
+    as floats."""
+    if not is_number(beta) or not (0.0 < beta <= 1.0):
+        raise ValueError(f"beta must be a number in (0, 1] (alpha = beta / world_size), got {beta!r}.")
+    if moving_rate is not None and (not is_number(moving_rate) or not (0.0 < moving_rate < 1.0)):
+        raise ValueError(f"moving_rate (alpha) must be a number in (0, 1) or None, got {moving_rate!r}.")
+    return float(beta), None if moving_rate is None else float(moving_rate)
+
+
+def single_sgd(algorithm: str, optimizers: Sequence[Optimizer]) -> torch.optim.SGD:
+    """The one ``torch.optim.SGD`` the algorithm runs with, or a ``ValueError`` naming what was given."""
+    if len(optimizers) != 1:
+        raise ValueError(
+            f"{algorithm} runs with exactly one optimizer (one update rule for the whole model), got "
+            f"{len(optimizers)}: {', '.join(type(o).__name__ for o in optimizers) or 'none'}."
+        )
+    optimizer = optimizers[0]
+    if not isinstance(optimizer, torch.optim.SGD):
+        raise ValueError(
+            f"{algorithm} supports torch.optim.SGD only (its update rule is defined for SGD steps), got "
+            f"{type(optimizer).__module__}.{type(optimizer).__name__}. Return torch.optim.SGD from "
+            "configure_optimizers."
+        )
+    return optimizer
+
+
+def refuse_sgd_setting(
+    algorithm: str, optimizer: torch.optim.SGD, name: str, allowed: Callable[[Any], bool], why: str
+) -> None:
+    """``ValueError`` if any param group's ``name`` is not ``allowed``."""
+    for index, group in enumerate(optimizer.param_groups):
+        value = group.get(name)
+        if not allowed(value):
+            raise ValueError(f"{algorithm} does not support SGD {name}={value!r} (param group {index}): {why}")
+
+
+def check_equal_epoch_lengths(batches_per_epoch: float, device: torch.device, strategy_name: str) -> None:
+    """Refuse training data whose ranks would take different numbers of steps (a collective would then wait for
+    ranks that already left the epoch); warn when the lengths are unknown (an iterable dataset without ``__len__``).
+
+    Called on every rank at the start of training, after the process group exists.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    lengths = torch.empty(dist.get_world_size(), dtype=torch.float64, device=device)
+    dist.all_gather_into_tensor(lengths, torch.tensor([batches_per_epoch], dtype=torch.float64, device=device))
+    values = lengths.tolist()
+    if any(math.isinf(v) for v in values):
+        if dist.get_rank() == 0:
+            warnings.warn(
+                f"{strategy_name}: the training data has no length on some ranks (an iterable dataset without "
+                "__len__), so nothing guarantees that every rank takes the same number of steps. If one runs out "
+                "first, the others wait in a collective until the timeout. Give the dataset a __len__ that is equal "
+                "on every rank, or set Trainer(max_steps=...) with data that never runs out.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return
+    if len(set(values)) > 1:
+        per_rank = ", ".join(f"rank {r}: {int(v)}" for r, v in enumerate(values))
+        raise ValueError(
+            f"{strategy_name}: the ranks' training data have different numbers of batches per epoch ({per_rank}), "
+            "so they would take different numbers of optimizer steps and a collective would deadlock. Use a "
+            "map-style dataset (Lightning then shards it evenly with a DistributedSampler) or make every rank's "
+            "iterable yield the same number of batches."
+        )

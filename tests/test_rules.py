@@ -1,0 +1,135 @@
+"""Every update rule of ``lsgd_lightning.core.rules`` in one process, against values worked out by hand.
+
+Each test states the rule with small numbers whose result can be checked on paper; a wrong sign, a swapped
+argument or a missing term changes the expected value. The layer also imports no Lightning (checked at the end).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lsgd_lightning.core import rules
+
+T = torch.tensor
+
+
+def test_window_score_is_the_mean_and_inf_when_empty_or_not_finite() -> None:
+    assert float(rules.window_score(T([1.0, 2.0, 6.0]))) == 3.0
+    assert float(rules.window_score(T([]))) == math.inf
+    assert float(rules.window_score(T([1.0, math.nan]))) == math.inf
+    assert float(rules.window_score(T([1.0, math.inf]))) == math.inf
+
+
+def test_election_picks_the_lowest_finite_score_and_the_lowest_rank_on_ties() -> None:
+    assert rules.elect_leader(T([3.0, 1.0, 2.0])) == 1
+    assert rules.elect_leader(T([2.0, 1.0, 1.0])) == 1
+    assert rules.elect_leader(T([math.nan, 5.0, -math.inf, math.inf])) == 1
+    assert rules.elect_leader(T([math.nan, math.inf])) is None
+
+
+def test_leader_pull_moves_a_fraction_of_the_way_and_leaves_the_leader_alone() -> None:
+    x, leader = T([0.0, 10.0]), T([1.0, 0.0])
+    assert rules.leader_pull(x, leader, 0.25).tolist() == [0.25, 7.5]
+    assert rules.leader_pull(x, leader, 0.0).tolist() == x.tolist()
+    assert rules.leader_pull(x, leader, 1.0).tolist() == leader.tolist()
+    assert torch.equal(rules.leader_pull(leader, leader, 0.3), leader)
+    assert x.tolist() == [0.0, 10.0]  # pure: the input is untouched
+
+
+def test_multi_leader_pull_applies_both_forces_from_the_weights_before_the_round() -> None:
+    x, local, global_ = T([0.0]), T([1.0]), T([2.0])
+    # x - 0.5 (x - 1) - 0.25 (x - 2) = 0.5 + 0.5
+    assert rules.multi_leader_pull(x, local, global_, 0.5, 0.25).tolist() == [1.0]
+    assert rules.multi_leader_pull(x, local, None, 0.5, 0.25).tolist() == [0.5]
+    assert rules.multi_leader_pull(x, None, global_, 0.5, 0.25).tolist() == [0.5]
+
+
+def test_synchronous_elastic_round_moves_worker_and_center_toward_each_other() -> None:
+    # workers at 0, 2, 4 (sum 6), center at 1, alpha 0.1: x_0 = 0 + 0.1 (1 - 0) = 0.1;
+    # c = 1 + 0.1 ((0 - 1) + (2 - 1) + (4 - 1)) = 1.3
+    x, center = rules.elastic_round(T([0.0]), T([1.0]), T([6.0]), workers=3, alpha=0.1)
+    assert x.tolist() == pytest.approx([0.1])
+    assert center.tolist() == pytest.approx([1.3])
+
+
+def test_asynchronous_elastic_exchange_conserves_the_sum() -> None:
+    x, center = rules.elastic_exchange(T([3.0]), T([1.0]), alpha=0.25)  # delta = 0.5
+    assert (x.tolist(), center.tolist()) == ([2.5], [1.5])
+
+
+def test_downpour_push_adds_the_update_to_parameters_and_takes_the_pusher_buffers() -> None:
+    held, x, fetched = T([10.0, 5.0]), T([3.0, 7.0]), T([1.0, 0.0])
+    is_parameter = T([True, False])
+    assert rules.downpour_push(held, x, fetched, is_parameter).tolist() == [12.0, 7.0]
+
+
+def test_gossip_mix_is_the_weighted_row_of_the_mixing_matrix() -> None:
+    mixed = rules.gossip_mix(T([3.0]), 1 / 3, [(1 / 3, T([6.0])), (1 / 3, T([9.0]))])
+    assert mixed.tolist() == pytest.approx([6.0])
+
+
+def test_with_local_step_adds_the_optimizer_step_taken_from_before() -> None:
+    assert rules.with_local_step(T([5.0]), before=T([2.0]), after=T([1.5])).tolist() == [4.5]
+
+
+def test_d2_bracket_corrects_parameters_and_passes_buffers() -> None:
+    # parameters: y_t + X_t - y_{t-1} = 1 + 3 - 2 = 2; buffer: as it is after the step
+    after, before, previous = T([1.0, 7.0]), T([3.0, 0.0]), T([2.0, 0.0])
+    bracket = rules.d2_bracket(after=after, before=before, previous_after=previous, is_parameter=T([True, False]))
+    assert bracket.tolist() == [2.0, 7.0]
+
+
+def test_pair_average_is_the_same_on_both_sides() -> None:
+    a, b = torch.randn(100), torch.randn(100)
+    assert torch.equal(rules.pair_average(a, b), rules.pair_average(b, a))
+    assert rules.pair_average(T([1.0]), T([4.0])).tolist() == [2.5]
+
+
+def test_signum_momentum_and_step() -> None:
+    m = rules.signum_momentum(T([1.0, 1.0]), T([3.0, -1.0]), beta=0.5)
+    assert m.tolist() == [2.0, 0.0]
+    assert rules.signum_momentum(T([2.0]), None, beta=0.5).tolist() == [1.0]
+    # x - lr (vote + wd x) = 2 - 0.1 (1 + 0.5 * 2)
+    assert rules.signum_step(T([2.0]), T([1], dtype=torch.int8), lr=0.1, weight_decay=0.5).tolist() == [
+        pytest.approx(1.8)
+    ]
+
+
+def test_majority_vote_counts_and_ties() -> None:
+    # 3 of 4 workers +1, 2 of 4 (tie), 0 of 4
+    assert rules.majority_vote(T([3, 2, 0]), workers=4).tolist() == [1, 0, -1]
+    assert rules.majority_vote(T([2, 1]), workers=3).tolist() == [1, -1]
+
+
+def test_squared_distance_in_float64() -> None:
+    assert float(rules.squared_distance(T([1.0, 2.0]), T([4.0, 6.0]))) == 25.0
+    assert rules.squared_distance(T([1.0]), T([2.0])).dtype == torch.float64
+
+
+def test_the_core_layer_imports_no_lightning() -> None:
+    code = (
+        "import sys, importlib, pkgutil, lsgd_lightning.core as core\n"
+        "for m in pkgutil.iter_modules(core.__path__): importlib.import_module('lsgd_lightning.core.' + m.name)\n"
+        "bad = [n for n in sys.modules if n.split('.')[0] in ('lightning', 'pytorch_lightning', 'lightning_fabric')]\n"
+        "print(bad)\n"
+    )
+    # ``import lsgd_lightning.core`` would run the package's __init__ (which imports the strategies), so the layer
+    # is loaded under an empty parent package.
+    out = subprocess.run([sys.executable, "-c", _isolated(code)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def _isolated(code: str) -> str:
+    """``code`` run with ``lsgd_lightning`` as an empty namespace package, so only ``core`` itself is imported."""
+    return (
+        "import sys, types, importlib.util, pathlib\n"
+        "spec = importlib.util.find_spec('lsgd_lightning')\n"
+        "package = types.ModuleType('lsgd_lightning'); package.__path__ = list(spec.submodule_search_locations)\n"
+        "sys.modules['lsgd_lightning'] = package\n" + code
+    )
