@@ -290,6 +290,7 @@ def test_exponential_one_peer_averages_exactly_over_a_period() -> None:
         ([[1.5, -0.5], [-0.5, 1.5]], "non-negative"),
         ([[0.5, 0.5], [0.0, 1.0]], "every column"),
         ([[1.0, 0.0], [0.0, 1.0]], "not connected"),
+        ([[0.0, 1.0], [1.0, 0.0]], r"rho = max\(\|lambda_2\|, \|lambda_P\|\) = 1\.000000"),
         ([["a", "b"], ["c", "d"]], "P x P matrix of numbers"),
     ],
 )
@@ -299,9 +300,25 @@ def test_bad_mixing_matrices_are_refused(matrix: Any, message: str) -> None:
 
 
 def test_custom_matrix_plan() -> None:
-    topology = _gossip.Topology([[0.5, 0.5, 0.0], [0.25, 0.5, 0.25], [0.25, 0.0, 0.75]], 3)
-    assert topology.plan(0, 1) == _gossip.MixingPlan(0.5, ((1, 0.5),), (1, 2))
-    assert topology.plan(2, 7) == _gossip.MixingPlan(0.75, ((0, 0.25),), (1,))
+    topology = _gossip.Topology([[0.5, 0.5, 0.0], [0.5, 0.25, 0.25], [0.0, 0.25, 0.75]], 3)
+    assert topology.plan(0, 1) == _gossip.MixingPlan(0.5, ((1, 0.5),), (1,))
+    assert topology.plan(2, 7) == _gossip.MixingPlan(0.75, ((1, 0.25),), (1,))
+
+
+@pytest.mark.parametrize(
+    ("matrix", "rho"),
+    [
+        ([[0.0, 0.5, 0.0, 0.5], [0.5, 0.0, 0.5, 0.0], [0.0, 0.5, 0.0, 0.5], [0.5, 0.0, 0.5, 0.0]], 1.0),  # 4-cycle
+        ([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]], None),  # cyclic shift: not symmetric
+    ],
+)
+def test_matrices_whose_gossip_never_reaches_consensus_are_refused(matrix: Any, rho: float | None) -> None:
+    message = r"\) = 1\.000000, but gossip reaches consensus" if rho is not None else "must be symmetric"
+    with pytest.raises(ValueError, match=message):
+        _gossip.Topology(matrix, len(matrix))
+    if rho is not None:
+        assert _gossip.spectral_gap_rho(torch.tensor(matrix)) == pytest.approx(rho)
+    assert _gossip.spectral_gap_rho(_gossip.ring_matrix(4)) == pytest.approx(1 / 3)  # the ring mixes
 
 
 def test_d2_enforces_its_condition_on_w() -> None:

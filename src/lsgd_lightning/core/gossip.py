@@ -13,7 +13,8 @@ Topologies (``topology=`` of the gossip strategies):
   ceil(log2 P), worker i averages with the worker 2^k places behind it, ``x_i <- (x_i + x_{i - 2^k}) / 2``, and
   sends to the worker 2^k ahead. One send and one receive per step; not symmetric, but doubly stochastic, and with
   P a power of two ceil(log2 P) consecutive steps average exactly.
-- a P x P matrix (nested lists, e.g. from a Hydra config): any doubly stochastic matrix of a connected graph.
+- a P x P matrix (nested lists, e.g. from a Hydra config): symmetric, doubly stochastic, with
+  ρ = max(|λ_2|, |λ_P|) < 1 (checked when the Trainer is built; the error gives ρ).
 
 ``lazy=True`` uses (W + I) / 2 instead: every worker keeps half of its own weights. Its eigenvalues are
 (1 + eig(W)) / 2 >= 0, which is what D² needs on an even ring.
@@ -179,8 +180,16 @@ def check_topology_spec(spec: Any) -> None:
         raise ValueError(f"topology must be one of {BUILTIN_TOPOLOGIES} or a P x P matrix, got {spec!r}.")
 
 
+def spectral_gap_rho(matrix: Tensor) -> float:
+    """ρ = max(|λ_2|, |λ_P|) of a symmetric doubly stochastic matrix: how much one gossip step shrinks the workers'
+    disagreement (D-PSGD's and D²'s analyses need ρ < 1; with ρ = 1 the workers never reach consensus)."""
+    eigenvalues = torch.linalg.eigvalsh(matrix.double())  # ascending; the largest is 1
+    return float(eigenvalues[:-1].abs().max()) if eigenvalues.numel() > 1 else 0.0
+
+
 def check_mixing_matrix(spec: Any, world_size: int) -> Tensor:
-    """Validate a user-given mixing matrix: P x P, finite, non-negative, doubly stochastic, connected graph."""
+    """Validate a user-given mixing matrix for D-PSGD and D² (Lian et al. 2017, Assumption 1; Tang et al. 2018):
+    P x P, finite, non-negative, symmetric, doubly stochastic, connected, and ρ = max(|λ_2|, |λ_P|) < 1."""
     try:
         matrix = torch.as_tensor(spec, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as error:
@@ -200,11 +209,23 @@ def check_mixing_matrix(spec: Any, world_size: int) -> Tensor:
             "every column of the mixing matrix must sum to 1 (doubly stochastic, so gossip keeps the workers' "
             f"average), got {columns.tolist()}."
         )
+    if not torch.allclose(matrix, matrix.T, atol=_TOLERANCE):
+        raise ValueError(
+            "the mixing matrix must be symmetric (W = W^T), as D-PSGD's and D²'s analyses assume; a one-way "
+            "matrix such as a cyclic shift is not (topology='exponential' is the supported time-varying one)."
+        )
     unreached = _unreached_from_zero(matrix)
     if unreached:
         raise ValueError(
             f"the mixing matrix's graph is not connected: workers {unreached} never exchange weights with worker 0, "
             "so the workers can never agree."
+        )
+    rho = spectral_gap_rho(matrix)
+    if rho >= 1 - _TOLERANCE:
+        raise ValueError(
+            f"the mixing matrix has rho = max(|lambda_2|, |lambda_P|) = {rho:.6f}, but gossip reaches consensus only "
+            "with rho < 1 (e.g. a cycle without self-weights on an even number of workers has lambda_P = -1 and "
+            "only swaps the workers' weights). Give every worker a positive self-weight, or use lazy=True."
         )
     return matrix
 
