@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 GROUPS = {
     "strategy": {
         *("lsgd", "lsgd_multi", "easgd", "dataparallel", "dpsgd", "d2", "adpsgd", "signum"),
-        *("lsgd_async", "easgd_async", "downpour"),
+        *("lsgd_async", "easgd_async", "downpour", "katyusha_x"),
     },
     "model": {"cnn7", "vgg16", "resnet20", "resnet50"},
     "data": {"mnist5k", "cifar10", "imagefolder"},
@@ -66,6 +66,7 @@ STRATEGY_CLASSES = {
     "lsgd_async": lsgd_lightning.AsyncLSGDStrategy,
     "easgd_async": lsgd_lightning.AsyncEASGDStrategy,
     "downpour": lsgd_lightning.DownpourStrategy,
+    "katyusha_x": lsgd_lightning.KatyushaXStrategy,
 }
 
 

@@ -14,6 +14,7 @@
 ``"d2"``                  D², decentralized SGD for workers whose data differ (:class:`D2Strategy`)
 ``"adpsgd"``              asynchronous-style pairwise gossip, AD-PSGD (:class:`ADPSGDStrategy`)
 ``"signum"``              Signum / signSGD with 1-bit majority vote (:class:`SignumStrategy`)
+``"katyusha_x"``          Katyusha X, variance-reduced data-parallel SGD (:class:`KatyushaXStrategy`)
 ========================  ==================================================================
 
 Each name also exists with a ``_spawn`` suffix for the spawn launcher (notebooks, ``python -c`` with an importable

@@ -181,6 +181,39 @@ def signum_step(x: Tensor, vote: Tensor, lr: float, weight_decay: float) -> Tens
     return torch.add(x, vote.to(x.dtype).add(x, alpha=weight_decay), alpha=-lr)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Katyusha X (Allen-Zhu, ICML 2018, arXiv:1802.03866): SVRG plus one momentum line; sources in lsgd_lightning.optim
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def variance_reduced_gradient(grad_at_x: Tensor, grad_at_snapshot: Tensor, full_gradient: Tensor) -> Tensor:
+    """∇̃ = ∇f_B(x) − ∇f_B(x̃) + μ̃ (C, line 3). All three have the parameter's shape; so does the result."""
+    return grad_at_x - grad_at_snapshot + full_gradient
+
+
+def svrg_step(x: Tensor, gradient: Tensor, lr: float) -> Tensor:
+    """x_{t+1} = x_t − η ∇̃_t (C, line 4), out of place; ``x`` and ``gradient`` have the same shape."""
+    return x - lr * gradient
+
+
+def katyusha_momentum(epoch_output: Tensor, snapshot: Tensor, previous_output: Tensor, tau: float) -> Tensor:
+    """The momentum line between epochs (B): y_{s+1} = (3/2 x̃_{s+1} + 1/2 y_s − (1 − τ) x̃_s) / (1 + τ).
+
+    ``epoch_output`` is x̃_{s+1}, ``snapshot`` y_s (where epoch s started), ``previous_output`` x̃_s; all the same
+    shape. Computed in the equal form x̃_{s+1} + (½(y_s − x̃_s) + (½ − τ)(x̃_{s+1} − x̃_s)) / (1 + τ), so that
+    τ = 1/2 with y_s = x̃_s returns x̃_{s+1} bit for bit (plain SVRG).
+    """
+    correction = 0.5 * (snapshot - previous_output) + (0.5 - tau) * (epoch_output - previous_output)
+    return epoch_output + correction / (1 + tau)
+
+
+def theory_tau(epoch_length: int, lr: float, sigma: float) -> float:
+    """τ = √(m η σ) / 2 from (A), capped at 1/2; σ is the strong convexity of the average f."""
+    if epoch_length < 1 or lr <= 0 or sigma <= 0:
+        raise ValueError(f"need epoch_length >= 1, lr > 0, sigma > 0; got {epoch_length}, {lr}, {sigma}")
+    return min(0.5, math.sqrt(epoch_length * lr * sigma) / 2)
+
+
 def squared_distance(a: Tensor, b: Tensor) -> Tensor:
     """``||a - b||²`` in float64 (a 0-d tensor), for the ``*/dist_to_*`` metrics."""
     return (a.double() - b.double()).square().sum()

@@ -16,6 +16,7 @@ from .dpsgd import DPSGDStrategy
 from .easgd import EASGDStrategy
 from .easgd_async import AsyncEASGDStrategy
 from .every_step import EveryStepStrategy
+from .katyusha_x import KatyushaXStrategy
 from .lsgd import LSGDStrategy
 from .lsgd_async import AsyncLSGDStrategy
 from .lsgd_multi import MultiLeaderLSGDStrategy
@@ -35,6 +36,7 @@ STRATEGIES = (
     AsyncLSGDStrategy,
     AsyncEASGDStrategy,
     DownpourStrategy,
+    KatyushaXStrategy,
 )
 
 for _strategy in STRATEGIES:
@@ -52,6 +54,7 @@ __all__ = [
     "DownpourStrategy",
     "EASGDStrategy",
     "EveryStepStrategy",
+    "KatyushaXStrategy",
     "LSGDStrategy",
     "MultiLeaderLSGDStrategy",
     "PeriodicStrategy",
