@@ -56,7 +56,7 @@ GROUPS = {
 }
 STRATEGY_CLASSES = {
     "lsgd": lsgd_lightning.LSGDStrategy,
-    "lsgd_multi": lsgd_lightning.LSGDStrategy,
+    "lsgd_multi": lsgd_lightning.MultiLeaderLSGDStrategy,
     "easgd": lsgd_lightning.EASGDStrategy,
     "dataparallel": lsgd_lightning.DataParallelStrategy,
     "dpsgd": lsgd_lightning.DPSGDStrategy,

@@ -52,8 +52,8 @@ class Bucket:
 
     @torch.no_grad()
     def unpack(self, flat: Tensor) -> None:
-        for tensor, chunk in zip(self.tensors, self.split(flat)):
-            tensor.copy_(chunk)
+        """Copy ``flat`` into the bucket's tensors (one fused copy; a float32 master is cast to their dtype)."""
+        torch._foreach_copy_(self.tensors, self.split(flat))
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """Views of ``flat`` shaped like this bucket's tensors."""
@@ -90,9 +90,10 @@ class FlatLayout:
     def pack(self) -> list[Tensor]:
         return [b.pack() for b in self.buckets]
 
-    def pack_floating(self) -> list[Tensor]:
-        """The floating-point buckets, packed (what the strategies mix, average or hold)."""
-        return [b.pack() for b in self.floating_buckets]
+    def masters(self) -> list[Tensor]:
+        """The floating-point buckets packed in master precision (:func:`to_master`: float32 for a half-precision
+        model): what the strategies mix, average or hold."""
+        return [to_master(b.pack()) for b in self.floating_buckets]
 
     def unpack(self, flats: Iterable[Tensor]) -> None:
         for bucket, flat in zip(self.buckets, flats):
@@ -125,6 +126,21 @@ class FlatLayout:
         for bucket, flat in zip(self.buckets, flats):
             out.update(zip(bucket.names, bucket.split(flat)))
         return out
+
+
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for the half-precision dtypes (float16, bfloat16), else ``dtype`` itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def to_master(flat: Tensor) -> Tensor:
+    """A float32 copy of a half-precision (float16, bfloat16) flat tensor, else ``flat`` itself.
+
+    What the strategies mix, average or accumulate (a pull, the center, D²'s previous iterate, Signum's momentum) is
+    computed in float32 under ``*-true`` half precisions, and rounded to the model's dtype once when written back:
+    in bfloat16 a move smaller than 1/256 of a weight would vanish.
+    """
+    return flat.to(master_dtype(flat.dtype))
 
 
 def state_dict_with(module: nn.Module, replacements: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .collectives import CommMeter, payload_bytes
+from .flat import to_master
 from .rules import gossip_mix
 
 BUILTIN_TOPOLOGIES = ("ring", "exponential")
@@ -269,5 +270,5 @@ def gossip(plan: MixingPlan, flat: Tensor, meter: CommMeter, device: torch.devic
     """``sum_j W[i, j] x_j`` for this worker's flat tensor ``flat`` (its neighbours call this at the same time)."""
     received = [(source, torch.empty_like(flat)) for source, _ in plan.receive_from]
     exchange(meter, device, [(target, flat) for target in plan.send_to], received, tag=tag)
-    weighted = [(weight, tensor) for (_, weight), (_, tensor) in zip(plan.receive_from, received)]
-    return gossip_mix(flat, plan.self_weight, weighted)
+    weighted = [(weight, to_master(tensor)) for (_, weight), (_, tensor) in zip(plan.receive_from, received)]
+    return gossip_mix(to_master(flat), plan.self_weight, weighted)  # in float32 for a half-precision model

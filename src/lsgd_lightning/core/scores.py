@@ -54,14 +54,20 @@ class ScoreWindow:
         """Mean of :meth:`recent`, +inf if empty or non-finite (0-d tensor on the device)."""
         return window_score(self.recent())
 
-    def diverged(self, weights: Iterable[Tensor] = ()) -> bool:
-        """Whether a recent loss or any element of ``weights`` (e.g. the floating buckets) is non-finite."""
-        checks = [torch.isfinite(self.recent()).all()] + [torch.isfinite(t).all() for t in weights]
-        return not bool(torch.stack(checks).all())
+    def diverged(self, weights: Iterable[Tensor] = (), losses: bool = True) -> bool:
+        """Whether any element of ``weights`` (e.g. the floating buckets) or, with ``losses``, a recent loss is
+        non-finite. One fused max-norm over the weights (NaN and inf propagate; a finite max never overflows) and one
+        host synchronization. ``losses=False`` under fp16 loss scaling: its non-finite losses are steps the scaler
+        skips, not divergence."""
+        tensors = [t for t in weights if t.numel()]
+        checks = [torch.stack(torch._foreach_norm(tensors, math.inf))] if tensors else []
+        if losses:
+            checks.append(self.recent())
+        return bool(checks) and not bool(torch.stack([torch.isfinite(c).all() for c in checks]).all())
 
-    def round_score(self, weights: Iterable[Tensor] = ()) -> Tensor:
+    def round_score(self, weights: Iterable[Tensor] = (), losses: bool = True) -> Tensor:
         """The score a worker sends in a round: NaN if :meth:`diverged` (never elected, reset), else :meth:`score`."""
-        if self.diverged(weights):
+        if self.diverged(weights, losses):
             return torch.tensor(math.nan, device=self.losses.device)
         return self.score()
 

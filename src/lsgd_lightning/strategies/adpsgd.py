@@ -48,6 +48,7 @@ from typing import Any, ClassVar
 import torch
 from typing_extensions import override
 
+from ..core.flat import to_master
 from ..core.gossip import exchange
 from ..core.rules import pair_average, squared_distance, with_local_step
 from .every_step import EveryStepStrategy
@@ -116,6 +117,7 @@ class ADPSGDStrategy(EveryStepStrategy):
     """
 
     strategy_name: ClassVar[str] = "adpsgd"
+    point_to_point: ClassVar[bool] = True
     algorithm: ClassVar[str] = "AD-PSGD"
 
     def __init__(
@@ -149,8 +151,9 @@ class ADPSGDStrategy(EveryStepStrategy):
                 exchange(self.comm, self.root_device, [(peer, current)], [(peer, theirs)], tag=index)
                 if position == 0:
                     squared += squared_distance(current, theirs)
-                current = pair_average(current, theirs)
-            bucket.unpack(with_local_step(current, before=payload, after=now))
+                # averaged in float32, held (and sent on) in the model's dtype, as the partner's own weights are
+                current = pair_average(to_master(current), to_master(theirs)).to(payload.dtype)
+            bucket.unpack(with_local_step(to_master(current), before=to_master(payload), after=to_master(now)))
         return {
             "adpsgd/peer": float(partners[0]),
             "adpsgd/exchanges": float(len(partners)),

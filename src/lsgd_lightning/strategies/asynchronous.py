@@ -42,6 +42,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..core.board import StoreBoard
+from ..core.flat import to_master
 from ..core.guard import CollectiveGuard
 from .periodic import PeriodicStrategy
 
@@ -69,13 +70,14 @@ class AsynchronousStrategy(PeriodicStrategy):
         """Rank 0, once per fit, before any round: put the shared state on the board (a fresh start has
         ``resumed_reference=None`` and every worker holds the same initial weights). Default: the floating-point
         buckets as the shared model."""
-        self.board.put(self.shared_name, self._floating(resumed_reference or self.layout.pack()))
+        shared = self._floating(resumed_reference or self.layout.pack())
+        self.board.put(self.shared_name, [to_master(flat) for flat in shared])  # float32 for a half model
 
     def _transact(self, update: Callable[[list[Tensor], list[Tensor]], list[Tensor]]) -> tuple[bool, list[Tensor]]:
         """One round on the shared model: under the lock, read it and (unless this worker diverged) write back
         ``update(own, shared)``. Returns (diverged, the shared model as written, or as read if diverged)."""
         diverged = self.is_diverged()
-        own = [bucket.pack() for bucket in self.layout.floating_buckets]
+        own = self.layout.masters()
         with self.board.locked():
             shared = self.board.get(self.shared_name, like=own)
             if not diverged:
@@ -87,9 +89,10 @@ class AsynchronousStrategy(PeriodicStrategy):
 
     @override
     def _reference_weights(self) -> list[Tensor]:
-        like = [bucket.pack() for bucket in self.layout.floating_buckets]
+        like = self.layout.masters()
         with self.board.locked():
-            return self._with_own_integers(self.board.get(self.shared_name, like=like))
+            shared = self.board.get(self.shared_name, like=like)
+        return self._with_own_integers([s.to(b.dtype) for s, b in zip(shared, self.layout.floating_buckets)])
 
     def _floating(self, flats: list[Tensor]) -> list[Tensor]:
         """The floating-point buckets of packed ``flats`` (what EASGD's center and DOWNPOUR's holder keep)."""

@@ -162,13 +162,20 @@ class ReplicaStrategy(SupervisedStrategy, ABC):
         return self._window().score()
 
     def is_diverged(self) -> bool:
-        """Whether a recent training loss or any floating-point weight of this worker is non-finite."""
-        return self._window().diverged(t for b in self.layout.floating_buckets for t in b.tensors)
+        """Whether a recent training loss or any floating-point weight of this worker is non-finite (under fp16
+        loss scaling only the weights: a non-finite loss there is a step the scaler skips)."""
+        return self._window().diverged(self._floating_tensors(), losses=not self._loss_scaled())
 
     def round_score(self) -> Tensor:
         """The score a worker sends in a round: NaN marks a diverged worker (never elected, reset), +inf one
         without a finite loss yet (never elected), else :meth:`local_score`."""
-        return self._window().round_score(t for b in self.layout.floating_buckets for t in b.tensors)
+        return self._window().round_score(self._floating_tensors(), losses=not self._loss_scaled())
+
+    def _floating_tensors(self) -> list[Tensor]:
+        return [t for b in self.layout.floating_buckets for t in b.tensors]
+
+    def _loss_scaled(self) -> bool:
+        return getattr(self.precision_plugin, "scaler", None) is not None
 
     def _reset_to(self, flats: list[Tensor], reference: str) -> None:
         """Recover a diverged worker: take the reference weights, fresh optimizer state, an empty loss window."""

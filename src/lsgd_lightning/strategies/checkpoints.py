@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from ..core.collectives import all_gather_single
-from ..core.flat import state_dict_with
+from ..core.flat import master_dtype, state_dict_with
 
 if TYPE_CHECKING:
     from .base import ReplicaStrategy
@@ -256,12 +256,12 @@ def saved_flats(flats: list[Tensor]) -> list[Tensor]:
 
 
 def restored_flats(saved: Any, buckets: Any, what: str) -> list[Tensor]:
-    """What :func:`saved_flats` wrote, back on the buckets' devices and dtypes; ``RuntimeError`` naming ``what`` if it
-    does not fit the model (another model, or a checkpoint of another strategy)."""
+    """What :func:`saved_flats` wrote, back on the buckets' devices in master precision (float32 for half-precision
+    buckets); ``RuntimeError`` naming ``what`` if it does not fit the model (another model or strategy)."""
     saved = list(saved or [])
     if len(saved) != len(buckets) or any(t.numel() != b.numel for t, b in zip(saved, buckets)):
         raise RuntimeError(f"The checkpoint's {what} does not match this model's parameters.")
-    return [t.to(device=b.device, dtype=b.dtype) for t, b in zip(saved, buckets)]
+    return [t.to(device=b.device, dtype=master_dtype(b.dtype)) for t, b in zip(saved, buckets)]
 
 
 def get_rng_state(device: torch.device) -> dict[str, Tensor]:

@@ -111,6 +111,16 @@ def check_chain_devices(leader_broadcast: str, devices: Sequence[torch.device]) 
         )
 
 
+def check_point_to_point_backend(strategy: str, devices: Sequence[torch.device], backend: str | None) -> None:
+    """gloo cannot send CUDA tensors point to point: refused when the Trainer is built, naming what to use."""
+    if backend == "gloo" and any(device.type == "cuda" for device in devices):
+        raise ValueError(
+            f"{strategy} exchanges weights point to point, which the gloo backend does not support for CUDA "
+            "tensors. On GPUs use process_group_backend='nccl' (the default there), or train on CPUs "
+            "(accelerator='cpu') with gloo."
+        )
+
+
 def check_multi_leader_options(
     group_size: Any, local_tau: Any, local_pull_strength: Any, overlap_steps: Any, leader_broadcast: Any
 ) -> None:

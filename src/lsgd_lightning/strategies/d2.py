@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from ..core.flat import to_master
 from ..core.gossip import Mixing, gossip, smallest_eigenvalue
 from ..core.rules import d2_bracket, squared_distance
 from .checkpoints import restored_flats, saved_flats
@@ -62,6 +63,7 @@ class D2Strategy(EveryStepStrategy):
     """
 
     strategy_name: ClassVar[str] = "d2"
+    point_to_point: ClassVar[bool] = True
     algorithm: ClassVar[str] = "D²"
 
     def __init__(
@@ -107,7 +109,7 @@ class D2Strategy(EveryStepStrategy):
     @override
     def _on_fresh_start(self) -> None:
         # y_{-1} := X_0 makes the first bracket y_0 + X_0 - y_{-1} = y_0: X_1 = W (X_0 - lr G_0).
-        self._previous_half_step = [bucket.pack() for bucket in self.layout.floating_buckets]
+        self._previous_half_step = self.layout.masters()
 
     @override
     def _extra_state_dict(self) -> dict[str, Any]:
@@ -127,6 +129,7 @@ class D2Strategy(EveryStepStrategy):
         for index, (bucket, mask, previous, (before, now, _)) in enumerate(
             zip(self.layout.floating_buckets, self._parameter_masks, self._previous_half_step, views)
         ):
+            now, before = to_master(now), to_master(before)  # the bracket travels in float32 for a half model
             bracket = d2_bracket(after=now, before=before, previous_after=previous, is_parameter=mask)
             previous.copy_(now)
             mixed = gossip(plan, bracket, self.comm, self.root_device, tag=index)

@@ -64,11 +64,11 @@ class DownpourStrategy(AsynchronousStrategy):
 
     @override
     def _on_fresh_start(self) -> None:
-        self._fetched = self.layout.pack_floating()
+        self._fetched = self.layout.masters()
 
     @override
     def _communication_round(self) -> dict[str, float]:
-        own = self.layout.pack_floating()
+        own = self.layout.masters()
 
         def push(own: list[Tensor], held: list[Tensor]) -> list[Tensor]:
             return [downpour_push(w, x, f, m) for w, x, f, m in zip(held, own, self._fetched, self._is_parameter)]

@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import torch
 from typing_extensions import override
 
+from ..core.flat import to_master
 from ..core.gossip import Mixing, gossip
 from ..core.rules import squared_distance, with_local_step
 from .every_step import EveryStepStrategy
@@ -58,6 +59,7 @@ class DPSGDStrategy(EveryStepStrategy):
     """
 
     strategy_name: ClassVar[str] = "dpsgd"
+    point_to_point: ClassVar[bool] = True
     algorithm: ClassVar[str] = "D-PSGD"
 
     def __init__(
@@ -81,5 +83,5 @@ class DPSGDStrategy(EveryStepStrategy):
         for index, (bucket, (_, now, payload)) in enumerate(zip(self.layout.floating_buckets, self._step_views())):
             mixed = gossip(plan, payload, self.comm, self.root_device, tag=index)
             squared += squared_distance(mixed, payload)
-            bucket.unpack(with_local_step(mixed, before=payload, after=now))
+            bucket.unpack(with_local_step(mixed, before=to_master(payload), after=to_master(now)))
         return {f"{self.strategy_name}/mixing_distance": math.sqrt(float(squared))}

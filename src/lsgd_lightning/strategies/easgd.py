@@ -77,7 +77,7 @@ class EASGDStrategy(PeriodicStrategy):
 
     @override
     def _on_fresh_start(self) -> None:
-        self._center = [bucket.pack() for bucket in self.layout.floating_buckets]
+        self._center = self.layout.masters()  # float32 for a half-precision model: small moves accumulate
 
     @override
     def _extra_state_dict(self) -> dict[str, Any]:
@@ -91,7 +91,7 @@ class EASGDStrategy(PeriodicStrategy):
     def _communication_round(self) -> dict[str, float]:
         alpha, buckets = self.alpha, self.layout.floating_buckets
         diverged = self.is_diverged()
-        owns = [bucket.pack() for bucket in buckets]
+        owns = self.layout.masters()  # the sum travels in float32 for a half-precision model
         # A diverged worker sends NaN, so the sums reveal a divergence without any extra bytes in a healthy round.
         sums = [self._sum_over_workers(own, poisoned=diverged) for own in owns]
         healthy = self.world_size
@@ -127,4 +127,4 @@ class EASGDStrategy(PeriodicStrategy):
     def _reference_weights(self) -> list[Tensor]:
         # Floating buckets: the center (identical everywhere, nothing to send); integer buckets: the rank's own.
         center = iter(self._center)
-        return [next(center).clone() if bucket.floating else bucket.pack() for bucket in self.layout.buckets]
+        return [next(center).to(bucket.dtype) if bucket.floating else bucket.pack() for bucket in self.layout.buckets]

@@ -71,7 +71,7 @@ class AsyncEASGDStrategy(AsynchronousStrategy):
             moved.extend(x for x, _ in pairs)
             return [c for _, c in pairs]
 
-        own = self.layout.pack_floating()
+        own = self.layout.masters()
         diverged, _ = self._transact(exchange)
         if diverged:
             return {}

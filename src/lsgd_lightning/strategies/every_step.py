@@ -23,13 +23,15 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from ..core.flat import to_master
 from .base import ReplicaStrategy
-from .checks import single_sgd
+from .checks import check_point_to_point_backend, single_sgd
 
 
 class EveryStepStrategy(ReplicaStrategy):
@@ -47,6 +49,7 @@ class EveryStepStrategy(ReplicaStrategy):
 
     reference_name: ClassVar[str] = "average"
     algorithm: ClassVar[str]  # the algorithm's name in messages, e.g. "D-PSGD"
+    point_to_point: ClassVar[bool] = False  # exchanges with send/recv (gloo cannot do that with CUDA tensors)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -57,6 +60,16 @@ class EveryStepStrategy(ReplicaStrategy):
     def _exchange(self) -> dict[str, float] | None:
         """This algorithm's exchange and update after the local step (all ranks call it together); the metrics
         to log, or ``None`` if this rank exchanged nothing this step."""
+
+    @override
+    def _configure_launcher(self) -> None:
+        if self.point_to_point:
+            devices = self.parallel_devices or []
+            backend = self._process_group_backend or (
+                _get_default_process_group_backend_for_device(devices[0]) if devices else None
+            )
+            check_point_to_point_backend(type(self).__name__, devices, backend)
+        super()._configure_launcher()
 
     @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
@@ -93,7 +106,9 @@ class EveryStepStrategy(ReplicaStrategy):
         """The workers' average: floating-point buckets all-reduced and divided by P; integer buckets own."""
         collectives = self.collectives
         return [
-            collectives.all_reduce_sum(bucket.pack()).div_(self.world_size) if bucket.floating else bucket.pack()
+            collectives.all_reduce_sum(to_master(bucket.pack())).div_(self.world_size).to(bucket.dtype)
+            if bucket.floating
+            else bucket.pack()
             for bucket in self.layout.buckets
         ]
 

@@ -41,6 +41,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..core.collectives import payload_bytes
+from ..core.flat import to_master
 from ..core.rules import elect_leader, leader_pull, squared_distance
 from ..core.transfer import InFlightRound
 from .checks import check_chain_devices, check_leader_options
@@ -156,7 +157,7 @@ class LSGDStrategy(PeriodicStrategy):
             if not bucket.floating:
                 bucket.unpack(target)
                 continue
-            own = bucket.pack()
+            own, target = to_master(bucket.pack()), to_master(target)  # float32 for a half-precision model
             squared += squared_distance(own, target)
             bucket.unpack(leader_pull(own, target, self.pull_strength))
         return math.sqrt(float(squared))

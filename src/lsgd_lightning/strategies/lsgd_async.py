@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from ..core.flat import to_master
 from ..core.rules import elect_leader, leader_pull, squared_distance
 from .asynchronous import AsynchronousStrategy
 from .checks import check_fraction
@@ -123,6 +124,7 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
         squared = torch.zeros((), dtype=torch.float64, device=self.root_device)
         for bucket, mine, theirs in zip(self.layout.buckets, own, leader_copy):
             if bucket.floating:
+                mine, theirs = to_master(mine), to_master(theirs)  # float32 for a half-precision model
                 squared += squared_distance(mine, theirs)
                 bucket.unpack(leader_pull(mine, theirs, self.pull_strength))
             else:

@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from ..core.flat import to_master
 from ..core.rules import elect_leader, multi_leader_pull, squared_distance
 from .checks import check_multi_leader_options
 from .lsgd import LSGDStrategy
@@ -166,12 +167,12 @@ class MultiLeaderLSGDStrategy(LSGDStrategy):
         local_sq = torch.zeros((), dtype=torch.float64, device=self.root_device)
         global_sq = torch.zeros((), dtype=torch.float64, device=self.root_device)
         for index, bucket in enumerate(self.layout.buckets):
-            local = None if local_flats is None else local_flats[index]
-            global_ = None if global_flats is None else global_flats[index]
+            local = None if local_flats is None else to_master(local_flats[index])
+            global_ = None if global_flats is None else to_master(global_flats[index])
             if not bucket.floating:
                 bucket.unpack(global_ if global_ is not None else local)
                 continue
-            own = bucket.pack()
+            own = to_master(bucket.pack())
             if local is not None:
                 local_sq += squared_distance(own, local)
             if global_ is not None:

@@ -42,6 +42,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from ..core.collectives import all_gather_single, payload_bytes
+from ..core.flat import master_dtype, to_master
 from ..core.rules import signum_momentum, signum_step
 from ..core.signs import majority_vote_packed, pack_signs, packed_words
 from .checks import refuse_sgd_setting, single_sgd
@@ -65,7 +66,7 @@ class SignumStrategy(EveryStepStrategy):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._optimizer: torch.optim.SGD | None = None
-        self._momentum: list[Tensor] = []  # m_i, one tensor per trainable parameter, in param-group order
+        self._momentum: list[Tensor] = []  # m_i, one flat tensor per param group (float32 for a half model)
 
     # ------------------------------------------------------------------------------------------------------------
     # Checks and state
@@ -91,26 +92,47 @@ class SignumStrategy(EveryStepStrategy):
             )
         self._optimizer = optimizer
 
-    def _trainable(self) -> list[tuple[Tensor, dict[str, Any]]]:
-        """(parameter, its param group) for every parameter that votes, in param-group order."""
+    def _groups(self) -> list[tuple[list[Tensor], dict[str, Any]]]:
+        """Per param group, its parameters that vote (``requires_grad``) and the group's hyperparameters."""
         assert self._optimizer is not None
-        return [(p, group) for group in self._optimizer.param_groups for p in group["params"] if p.requires_grad]
+        groups = [([p for p in g["params"] if p.requires_grad], g) for g in self._optimizer.param_groups]
+        return [(params, group) for params, group in groups if params]
 
     @override
     def _on_fresh_start(self) -> None:
-        self._momentum = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p, _ in self._trainable()]
+        # One flat momentum per param group, in float32 for a half-precision model (it accumulates small moves).
+        self._momentum = [
+            torch.zeros(sum(p.numel() for p in params), dtype=master_dtype(params[0].dtype), device=params[0].device)
+            for params, _ in self._groups()
+        ]
 
     @override
     def _extra_state_dict(self) -> dict[str, Any]:
-        return {"momentum": [m.detach().cpu().clone() for m in self._momentum]}
+        # Saved per parameter (the layout a reader expects), whatever the flat buffers look like.
+        return {
+            "momentum": [
+                part.detach().cpu().clone()
+                for flat, (params, _) in zip(self._momentum, self._groups())
+                for part in _split_like(flat, params)
+            ]
+        }
 
     @override
     def _load_extra_state_dict(self, state: Mapping[str, Any]) -> None:
-        params = [p for p, _ in self._trainable()]
-        saved = list(state.get("momentum", []))
-        if len(saved) != len(params) or any(m.shape != p.shape for m, p in zip(saved, params)):
+        saved = iter(list(state.get("momentum", [])))
+        momentum = []
+        try:
+            for params, _ in self._groups():
+                parts = [next(saved) for _ in params]
+                if any(m.shape != p.shape for m, p in zip(parts, params)):
+                    raise StopIteration
+                flat = torch.cat([m.reshape(-1) for m in parts])
+                momentum.append(flat.to(device=params[0].device, dtype=master_dtype(params[0].dtype)))
+        except StopIteration:
+            momentum = []
+        if not momentum or next(saved, None) is not None:
             raise RuntimeError("The checkpoint's Signum momentum does not match this model's trainable parameters.")
-        self._momentum = [m.to(device=p.device, dtype=p.dtype) for m, p in zip(saved, params)]
+        self._momentum = momentum
 
     # ------------------------------------------------------------------------------------------------------------
     # The step
@@ -129,20 +151,19 @@ class SignumStrategy(EveryStepStrategy):
     @override
     @torch.no_grad()
     def _exchange(self) -> dict[str, float]:
-        trainable = self._trainable()
-        for (param, group), momentum in zip(trainable, self._momentum):
-            momentum.copy_(signum_momentum(momentum, param.grad, float(group["momentum"])))
-        own = (
-            torch.cat([m.reshape(-1) for m in self._momentum])
-            if self._momentum
-            else torch.zeros(0, device=self.root_device)
-        )
+        groups = self._groups()
+        for momentum, (params, group) in zip(self._momentum, groups):
+            grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            momentum.copy_(signum_momentum(momentum, grads, float(group["momentum"])))
+        own = torch.cat(self._momentum) if self._momentum else torch.zeros(0, device=self.root_device)
         vote = self._vote(own)
         offset = 0
-        for param, group in trainable:
-            direction = vote[offset : offset + param.numel()].view_as(param).to(param.dtype)
-            offset += param.numel()
-            param.copy_(signum_step(param, direction, float(group["lr"]), float(group["weight_decay"])))
+        for momentum, (params, group) in zip(self._momentum, groups):
+            direction = vote[offset : offset + momentum.numel()]
+            offset += momentum.numel()
+            weights = to_master(torch.cat([p.detach().reshape(-1) for p in params]))
+            stepped = signum_step(weights, direction, float(group["lr"]), float(group["weight_decay"]))
+            torch._foreach_copy_(params, _split_like(stepped, params))
         numel = max(1, own.numel())
         own_sign = torch.where(own >= 0, 1, -1).to(torch.int8)
         return {
@@ -175,6 +196,11 @@ class SignumStrategy(EveryStepStrategy):
             torch.where(next(masks), bucket.pack(), flat) if bucket.floating else flat
             for bucket, flat in zip(self.layout.buckets, averaged)
         ]
+
+
+def _split_like(flat: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    """Views of ``flat`` shaped like ``tensors`` (consecutive)."""
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 @contextmanager
