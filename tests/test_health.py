@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from lsgd_lightning.core.guard import CollectiveGuard
 from lsgd_lightning.core.health import FAILED, HealthBoard
+from lsgd_lightning.core.watchdog import Judge, Watchdog
 from tests.multiproc import free_port
 
 
@@ -90,3 +91,26 @@ def test_the_guard_meets_before_every_collective_once_and_not_when_bypassed(monk
     assert calls == ["barrier", "all_reduce", "all_reduce", "all_reduce"]
     assert [m.split()[0] for m in met] == ["torch.distributed.barrier", "torch.distributed.all_reduce"]
     assert (dist.all_reduce, dist.barrier) == fakes  # uninstalled: the functions it found are back
+
+
+def test_the_watchdog_judges_a_hung_peer_only_while_this_worker_is_stuck() -> None:
+    judge = Judge(timeout_s=10.0)
+    assert judge.verdict(0.0, own_stuck_s=0.0, progress={1: 5, 2: 7}, failure=None) is None
+    # rank 1 keeps training, rank 2 stops; this worker is stuck in a collective
+    assert judge.verdict(6.0, own_stuck_s=6.0, progress={1: 6, 2: 7}, failure=None) is None  # not long enough
+    verdict = judge.verdict(11.0, own_stuck_s=11.0, progress={1: 7, 2: 7}, failure=None)
+    assert verdict is not None and verdict.startswith("rank(s) [2] started no training batch for 10 s")
+    # a worker that is not stuck never aborts, whatever its peers do
+    assert Judge(timeout_s=10.0).verdict(50.0, own_stuck_s=0.5, progress={2: 7}, failure="rank 2 failed") is None
+
+
+def test_the_watchdog_aborts_soon_after_a_peer_posted_its_failure(store: dist.TCPStore) -> None:
+    peer = board(store, 1, world_size=2)
+    progress = iter(range(1000))
+    aborted: list[str] = []
+    watchdog = Watchdog(board(store, 0, world_size=2), lambda: 3, timeout_s=60.0, abort=aborted.append, interval_s=0.05)
+    watchdog.start()
+    peer.post_progress(next(progress))
+    peer.report(RuntimeError("CUDA out of memory"))
+    watchdog.join(timeout=20)
+    assert aborted == ["rank 1 failed with RuntimeError: CUDA out of memory"] == [watchdog.reason]

@@ -9,6 +9,8 @@
 ``gossip``                    mixing matrices of the decentralized strategies and the point-to-point exchange
 ``signs``                     signs packed one bit per coordinate, and the majority vote over packed signs
 ``board``                     shared state on the job's c10d store, for the asynchronous strategies
-``failures``                  naming the worker that failed when a collective breaks
+``health``                    failures, heartbeats and stop requests on the job's store; naming the failed worker
+``guard``                     collectives that first wait for live workers (asynchronous strategies)
+``watchdog``                  naming a dead or hung peer on NCCL within the strategy's timeout
 ============================  ======================================================================================
 """

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -33,10 +34,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ..core.health import FAILED, HealthBoard, handle_worker_exception
+from ..core.health import FAILED, HealthBoard, augment, handle_worker_exception
+from ..core.watchdog import Watchdog
 
 
 class JobControl:
@@ -56,12 +59,16 @@ class JobControl:
         self._trainer: pl.Trainer | None = None
         self._loop: Any = None
         self._previous_handler: Any = None
+        self.watchdog: Watchdog | None = None  # NCCL only: names a dead or hung peer, see core.watchdog
 
     @classmethod
     def start(cls, trainer: pl.Trainer, health: HealthBoard, timeout: timedelta | None) -> JobControl:
         """A job control installed on ``trainer`` for one ``fit`` (``timeout`` None: 30 minutes)."""
         job = cls(health, timeout.total_seconds() if timeout is not None else 1800.0)
         job.install(trainer)
+        if dist.is_initialized() and dist.get_backend() == "nccl":  # gloo raises on a dead or hung peer by itself
+            job.watchdog = Watchdog(health, lambda: job.started, job.timeout_s, abort=_abort_communicators)
+            job.watchdog.start()
         return job
 
     def install(self, trainer: pl.Trainer, started: int = 0) -> None:
@@ -80,6 +87,9 @@ class JobControl:
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def uninstall(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         if self._loop is not None:  # back to Lightning's own method
             vars(self._loop).pop("_broadcast_sigterm_tensor", None)
             self._loop = None
@@ -93,6 +103,9 @@ class JobControl:
         is no failure."""
         if isinstance(exception, SIGTERMException) and self.stopping_together:
             return
+        if self.watchdog is not None and self.watchdog.reason is not None:
+            reason = self.watchdog.reason
+            augment(exception, f"[lsgd_lightning] rank {self.health.rank} aborted its collective: {reason}.")
         handle_worker_exception(self.health, exception)
 
     def handling_failure(self) -> bool:
@@ -174,3 +187,13 @@ def limit_cpu_threads(local_workers: int, devices: list[torch.device] | None) ->
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cores // max(1, local_workers)))
+
+
+def _abort_communicators(reason: str) -> None:
+    """The watchdog's verdict on NCCL: abort the communicators so that the stuck collective raises in the training
+    thread (where the error is reported as usual); if that is impossible, say why and end the process."""
+    try:
+        dist.distributed_c10d._abort_process_group()
+    except Exception as error:
+        print(f"[lsgd_lightning] {reason}; aborting the process ({error!r})", file=sys.stderr, flush=True)
+        os._exit(1)
