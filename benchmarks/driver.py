@@ -61,10 +61,12 @@ def parser_for(doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def add_job_arguments(parser: argparse.ArgumentParser, timeout: float, deadline: float, out: str) -> None:
+def add_job_arguments(
+    parser: argparse.ArgumentParser, timeout: float, deadline: float, out: str, timeout_help: str = "collective"
+) -> None:
     """``--threads``, ``--timeout``, ``--deadline`` and ``--out``, as the local-job benchmarks take them."""
     parser.add_argument("--threads", type=int, default=cpu_count(), help="CPU threads shared by the workers")
-    parser.add_argument("--timeout", type=float, default=timeout, help="collective timeout (s)")
+    parser.add_argument("--timeout", type=float, default=timeout, help=f"{timeout_help} timeout (s)")
     parser.add_argument("--deadline", type=float, default=deadline, help="give up on a job after this many seconds")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / out)
 
@@ -73,6 +75,15 @@ def check_known(parser: argparse.ArgumentParser, chosen: Sequence[str], known: S
     unknown = [name for name in chosen if name not in known]
     if unknown or not chosen:
         parser.error(f"unknown {what} {unknown}; choose from {', '.join(known)}")
+
+
+def compose(overrides: list[str]) -> Any:
+    """The ``lsgd-train`` app's configuration for ``overrides`` (Hydra's compose API on the packaged configs)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module="lsgd_lightning.conf", version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def quiet_warnings() -> None:
@@ -156,9 +167,9 @@ def run_metadata(argv: Sequence[str] | None = None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def write_rows(path: Path, rows: Sequence[Any]) -> None:
-    """One CSV row per dataclass instance; floats keep every digit, so a report from the file is the report."""
-    names = [field.name for field in dataclasses.fields(rows[0])]
+def write_rows(path: Path, cls: type, rows: Sequence[Any]) -> None:
+    """One CSV row per ``cls`` (dataclass) instance; floats keep every digit: a report from the file is the report."""
+    names = [field.name for field in dataclasses.fields(cls)]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=names)
         writer.writeheader()

@@ -195,7 +195,7 @@ def measure(args: argparse.Namespace, meta: dict[str, Any]) -> None:
     for world_size in args.workers:
         threads = max(1, args.threads // world_size)
         runs += run_local_job(worker, world_size, (args,), deadline_s=args.deadline, threads=threads)[0]
-    driver.write_rows(args.out / "overhead.csv", [Run(**row) for row in runs])
+    driver.write_rows(args.out / "overhead.csv", Run, [Run(**row) for row in runs])
 
 
 def main(argv: list[str] | None = None) -> None:
