@@ -208,6 +208,19 @@ def stored_args(meta: dict[str, Any]) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def run_jobs(worker: Callable[..., list[Any]], args: argparse.Namespace) -> list[Any]:
+    """One local job per worker count P of ``args.workers``, running ``worker(rank, P, args)``; rank 0's results of
+    all jobs, in order. Each worker gets ``args.threads // P`` threads (at least one); a job past ``args.deadline``
+    seconds is killed (:func:`lsgd_lightning.local_job.run_local_job`)."""
+    from lsgd_lightning.local_job import run_local_job  # here: importing the package imports Lightning
+
+    results = []
+    for world_size in args.workers:
+        threads = max(1, args.threads // world_size)
+        results += run_local_job(worker, world_size, (args,), deadline_s=args.deadline, threads=threads)[0]
+    return results
+
+
 def run(name: str, args: argparse.Namespace, argv: Sequence[str] | None, measure: Measure, report: Report) -> None:
     """Measure into ``args.out`` (the script's data files and meta.json), then write the report from those files.
 

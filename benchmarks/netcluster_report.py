@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from driver import read_rows, stored_args
-from report import Target, bars, markdown_table, metadata_markdown, plot, verdict_table
+from report import Target, bars, document, markdown_table, plot, verdict_table
 
 CONFIGS = ("floor", "lsgd", "easgd", "dataparallel", "lsgd-chain", "lsgd-overlap")
 LSGD_CONFIGS = ("lsgd", "lsgd-chain", "lsgd-overlap")
@@ -91,14 +91,10 @@ def report(folder: Path, meta: dict[str, Any]) -> str:
         f"{args.repeats} repeat(s); one model copy = 4·d' = {copy:,} bytes"
     )
     plot(folder / "netcluster.png", lambda axes: _draw(axes[0], summaries, args), 1, 2, (12, 3.8))
-    return (
-        "## Bandwidth-limited cluster (network namespaces, tbf)\n\n"
-        + metadata_markdown(meta)
-        + f"- settings: {settings}\n\n"
-        + "\n".join(sections)
-        + f"\n### Targets (at {args.target_rate}; epoch times are medians over repeats)\n\n"
-        + (verdict_table(targets) if targets else "not measured at that rate\n")
-    )
+    heading = f"### Targets (at {args.target_rate}; epoch times are medians over repeats)\n\n"
+    judged = heading + (verdict_table(targets) if targets else "not measured at that rate\n")
+    title = "Bandwidth-limited cluster (network namespaces, tbf)"
+    return document(title, meta, f"- settings: {settings}\n\n", sections, judged)
 
 
 def _draw(axes: Any, summaries: list[Summary], args: Any) -> None:

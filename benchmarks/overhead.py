@@ -57,7 +57,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import driver
 import lsgd_lightning as lsgd
-from lsgd_lightning.local_job import run_local_job
 from lsgd_lightning.models import ImageClassifier
 from overhead_report import DPSGD_TOPOLOGIES, STRATEGIES, Config, ModelSize, Run, configs, report
 
@@ -191,11 +190,7 @@ def worker(rank: int, world_size: int, args: argparse.Namespace) -> list[dict[st
 def measure(args: argparse.Namespace, meta: dict[str, Any]) -> None:
     """One job per worker count; writes overhead.csv; the model sizes go to meta.json (the formulas need them)."""
     meta["model_sizes"] = {arch: asdict(model_size(arch, args.image_size)) for arch in args.models}
-    runs = []
-    for world_size in args.workers:
-        threads = max(1, args.threads // world_size)
-        runs += run_local_job(worker, world_size, (args,), deadline_s=args.deadline, threads=threads)[0]
-    driver.write_rows(args.out / "overhead.csv", Run, [Run(**row) for row in runs])
+    driver.write_rows(args.out / "overhead.csv", Run, [Run(**row) for row in driver.run_jobs(worker, args)])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from driver import read_rows, stored_args
-from report import Target, bars, markdown_table, metadata_markdown, plot, verdict_table
+from report import Target, bars, document, markdown_table, plot, verdict_table
 
 TOLERANCE = 0.05
 LSGD_TARGET = Target("LSGD tau=16 step time within 5% of the no-communication floor", 1 + TOLERANCE)
@@ -208,14 +208,8 @@ def report(folder: Path, meta: dict[str, Any]) -> str:
             )
             rows += verdicts(f"{arch}, P={world_size}", results)
     plot(folder / "overhead.png", lambda axes: _draw(axes, groups), len(groups), 2, (13, 2.9 * len(groups)))
-    return (
-        "## Step time and bytes per step\n\n"
-        + metadata_markdown(meta)
-        + _settings(args)
-        + "\n".join(sections)
-        + "\n### Targets\n\n"
-        + verdict_table(rows, measured="measured: medians (best runs)")
-    )
+    targets = "### Targets\n\n" + verdict_table(rows, measured="measured: medians (best runs)")
+    return document("Step time and bytes per step", meta, _settings(args), sections, targets)
 
 
 def _settings(args: argparse.Namespace) -> str:

