@@ -93,9 +93,10 @@ def pyplot() -> Any:
 def plot(path: Path, draw: Callable[[Any], None], rows: int, cols: int, size: tuple[float, float], **kw: Any) -> None:
     """A ``rows`` x ``cols`` grid of axes (always 2-D), filled by ``draw(axes)`` and saved to ``path``.
 
-    ``size`` is the figure's (width, height) in inches; ``kw`` goes to ``plt.subplots``. Nothing without matplotlib.
+    ``size`` is the figure's (width, height) in inches; ``kw`` goes to ``plt.subplots``. Nothing without rows or
+    without matplotlib.
     """
-    plt = pyplot()
+    plt = pyplot() if rows else None
     if plt is None:
         return
     fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, **kw)

@@ -186,7 +186,8 @@ def _worker_main(
     )
     os.environ.clear()
     os.environ.update(env)
-    if "torch" in sys.modules:  # imported with fn's module, before OMP_NUM_THREADS was set; later imports read it
+    # torch imported with fn's module read the parent's OMP_NUM_THREADS; a later import reads the one set above.
+    if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
     try:
         data = pickle.dumps(fn(rank, world_size, *args))
