@@ -1,4 +1,4 @@
-"""The paper's comparison: test error against wall-clock time and steps, and who leads (issue 6, item 3).
+"""The paper's comparison: test error against wall-clock time and steps, and who leads.
 
     # CPU-sized preset (about 10 minutes on 2 cores): CNN7 on a CIFAR-10 subset (1,000 train / 200 test images per
     # class), 4 workers for LSGD, EASGD and DataParallel, plus one worker alone (plain SGD), 100 s of training each
@@ -34,16 +34,16 @@ momentum 0; Signum: no Nesterov and lr 1e-3), before the user's overrides, which
 strategy's name and a colon applies to that strategy's runs only, e.g. ``lsgd:strategy.tau=4`` (the other strategies'
 configs have no ``tau``).
 
-Writes to ``--out``: ``reproduce.md`` (final error table, time and steps to ``--target-error``, leader counts, how it
-was run), ``reproduce_curves.csv``, ``reproduce_error.png`` (error vs time and vs steps) and ``reproduce_leader.png``
-(the leader at each round and how often each worker led).
+Writes to ``--out``: ``reproduce_curves.csv`` (every evaluation), ``reproduce_runs.csv`` (steps and payload of each
+run), ``reproduce_leaders.csv`` (the leader at each LSGD round) and ``meta.json`` (how it was run), then from those
+files ``reproduce.md`` (final error table, time and steps to ``--target-error``, leader counts), ``reproduce_error.png``
+(error vs time and vs steps) and ``reproduce_leader.png`` (the leader at each round and how often each worker led);
+``python benchmarks/report.py DIR`` rewrites the last three.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,38 +52,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from _common import (
-    REPO,
-    cpu_count,
-    free_port,
-    int_list,
-    load_average,
-    markdown_table,
-    metadata_markdown,
-    pyplot,
-    quiet_warnings,
-    run_local_job,
-    run_metadata,
-    set_external_launch_env,
-    str_list,
-)
+import driver
+from lsgd_lightning.local_job import run_local_job
+from reproduce_report import CURVES, LEADERS, RUNS, STRATEGY_OVERRIDES, Leader, Point, RunRecord, report, run_label
 
 CIFAR_NORMALIZATION = ["data.mean=[0.4914,0.4822,0.4465]", "data.std=[0.2470,0.2435,0.2616]"]
 DEFAULT_STRATEGIES = ("lsgd", "easgd", "dataparallel", "sgd")  # sgd: one worker alone, the paper's SGD baseline
 # Communicate after every step: not in the default list, which keeps the CPU preset at about 10 minutes.
 OPTIONAL_STRATEGIES = ("dpsgd", "d2", "adpsgd", "signum")
 STRATEGIES = DEFAULT_STRATEGIES + OPTIONAL_STRATEGIES
-# Optimizer changes, and why, for strategies that refuse the presets' Nesterov SGD (before the user's overrides).
-STRATEGY_OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
-    "d2": (
-        ("optim.momentum=0", "optim.nesterov=false"),
-        "D² refuses momentum: its correction needs steps of exactly lr * gradient",
-    ),
-    "signum": (
-        ("optim.nesterov=false", "optim.lr=1e-3"),
-        "Signum refuses Nesterov, keeps momentum 0.9 as its beta, and moves every weight by lr per step",
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -122,7 +99,7 @@ PRESETS = {
 
 @dataclass
 class RunSpec:
-    """One training run: a strategy with a number of workers, and where rank 0 writes what it recorded."""
+    """One training run: a strategy with a number of workers."""
 
     strategy: str
     workers: int
@@ -131,13 +108,13 @@ class RunSpec:
     budget_s: float | None
     max_steps: int
     accelerator: str
-    threads: int
-    result: str
     timeout_s: float = 300.0
 
 
 @dataclass
 class RunResult:
+    """What rank 0 recorded during one run."""
+
     strategy: str
     workers: int
     points: list[dict[str, float]] = field(default_factory=list)  # train_s, wall_s, step, epoch, error
@@ -145,19 +122,6 @@ class RunResult:
     steps: int = 0
     comm_bytes: float = 0.0  # training traffic of rank 0 (evaluation swaps and the final sync left out)
     comm_rounds: float = 0.0
-
-    @property
-    def label(self) -> str:
-        return "SGD (1 worker)" if self.strategy == "sgd" else f"{self.strategy} ({self.workers} workers)"
-
-
-def compose(overrides: list[str]) -> Any:
-    """The app's configuration for ``overrides`` (Hydra's compose API on the packaged configs)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    with initialize_config_module(config_module="lsgd_lightning.conf", version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def run_overrides(preset: Preset, strategy: str, workers: int, args: argparse.Namespace, root: Path) -> list[str]:
@@ -235,16 +199,12 @@ class Recorder(pl.Callback):
         self.train_bytes = self._comm_bytes(trainer) - self.eval_bytes
 
 
-def run_worker(rank: int, spec: RunSpec, port: int) -> None:
-    """One rank of a run: build everything from the app's configuration, train, and (rank 0) write the record."""
-    import torch
-
+def run_worker(rank: int, world_size: int, spec: RunSpec) -> dict[str, Any] | None:
+    """One rank of a run: build everything from the app's configuration and train; rank 0 returns the record."""
     from lsgd_lightning.train import build_datamodule, build_model, build_strategy
 
-    set_external_launch_env(rank, spec.workers, port, spec.threads)
-    torch.set_num_threads(spec.threads)
-    quiet_warnings()
-    cfg = compose(spec.overrides)
+    driver.quiet_warnings()
+    cfg = driver.compose(spec.overrides)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     model = build_model(cfg, datamodule)
@@ -266,18 +226,12 @@ def run_worker(rank: int, spec: RunSpec, port: int) -> None:
         callbacks=[recorder],
     )
     trainer.fit(model, datamodule=datamodule)
-    if trainer.is_global_zero:
-        comm = getattr(trainer.strategy, "comm", None)
-        result = RunResult(
-            spec.strategy,
-            spec.workers,
-            recorder.points,
-            recorder.leaders,
-            trainer.global_step,
-            float(recorder.train_bytes),
-            float(comm.rounds) if comm else 0.0,
-        )
-        Path(spec.result).write_text(json.dumps(asdict(result)))
+    if not trainer.is_global_zero:
+        return None
+    comm = getattr(trainer.strategy, "comm", None)
+    result = RunResult(spec.strategy, spec.workers, recorder.points, recorder.leaders, trainer.global_step)
+    result.comm_bytes, result.comm_rounds = float(recorder.train_bytes), float(comm.rounds) if comm else 0.0
+    return asdict(result)
 
 
 def make_subset(root: Path, dest: Path, train_per_class: int | None, test_per_class: int | None) -> Path:
@@ -302,153 +256,24 @@ def make_subset(root: Path, dest: Path, train_per_class: int | None, test_per_cl
     return dest
 
 
-# ====================================================================================================================
-# Report
-# ====================================================================================================================
+def write_results(results: list[RunResult], out: Path) -> None:
+    """The three CSV files the report is written from."""
+    points = [
+        Point(r.strategy, r.workers, p["train_s"], p["wall_s"], int(p["step"]), int(p["epoch"]), p["error"])
+        for r in results
+        for p in r.points
+    ]
+    driver.write_rows(out / CURVES, Point, points)
+    runs = [RunRecord(r.strategy, r.workers, r.steps, r.comm_bytes, r.comm_rounds) for r in results]
+    driver.write_rows(out / RUNS, RunRecord, runs)
+    leaders = [Leader(r.strategy, r.workers, step, leader) for r in results for step, leader in r.leaders]
+    driver.write_rows(out / LEADERS, Leader, leaders)
 
 
-def first_reaching(points: list[dict[str, float]], target: float) -> dict[str, float] | None:
-    return next((p for p in points if p["error"] <= target), None)
-
-
-def report(results: list[RunResult], preset_name: str, args: argparse.Namespace, meta: dict[str, str]) -> str:
-    preset = PRESETS[preset_name]
-    target = args.target_error if args.target_error is not None else preset.target_error
-    rows = []
-    for r in results:
-        last = r.points[-1] if r.points else None
-        best = min((p["error"] for p in r.points), default=float("nan"))
-        reached = first_reaching(r.points, target)
-        rows.append(
-            [
-                r.label,
-                f"{last['error'] * 100:.1f}" if last else "n/a",
-                f"{best * 100:.1f}",
-                f"{last['train_s']:.0f}" if last else "n/a",
-                str(r.steps),
-                f"{reached['train_s']:.0f} s / {int(reached['step'])} steps" if reached else "not reached",
-                f"{r.comm_bytes / max(1, r.steps):,.0f}",
-            ]
-        )
-    header = ["run", "final test error %", "best %", "training s", "steps/worker"]
-    header += [f"time to {target * 100:.0f}% error", "payload bytes/step/worker"]
-    leader_rows = []
-    for r in results:
-        if r.leaders:
-            counts = [sum(1 for _, who in r.leaders if who == k) for k in range(r.workers)]
-            changes = sum(1 for a, b in zip(r.leaders, r.leaders[1:]) if a[1] != b[1])
-            leader_rows.append([r.label, len(r.leaders), " / ".join(map(str, counts)), changes])
-    meta["load_end"] = load_average()
-    text = (
-        f"## Test error against time and steps (preset `{preset_name}`)\n\n"
-        + metadata_markdown(meta)
-        + f"- preset: `experiment={preset.experiment}` with {' '.join(preset.overrides) or 'no changes'}; "
-        f"data: {args.data_desc}; evaluation every "
-        f"{f'{preset.val_every} steps' if preset.val_every else 'epoch'}"
-        f"{f', budget {preset.budget_s:.0f} s of training per run' if preset.budget_s else ''}\n"
-        + "".join(
-            f"- {name} runs with `{' '.join(changes)}` on top of the preset ({why})\n"
-            for name, (changes, why) in STRATEGY_OVERRIDES.items()
-            if any(r.strategy == name for r in results)
-        )
-        + "\n"
-        + markdown_table(header, rows)
-        + "\n"
-        + (
-            markdown_table(["run", "rounds", "rounds led by worker 0 / 1 / ...", "leader changes"], leader_rows)
-            if leader_rows
-            else ""
-        )
-    )
-    _plot(results, target, args.out)
-    return text
-
-
-def _plot(results: list[RunResult], target: float, out: Path) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(12, 4))
-    for r in results:
-        xs_t = [p["train_s"] for p in r.points]
-        xs_s = [p["step"] for p in r.points]
-        ys = [p["error"] * 100 for p in r.points]
-        by_time.plot(xs_t, ys, marker=".", label=r.label)
-        by_step.plot(xs_s, ys, marker=".", label=r.label)
-    for axis, xlabel in ((by_time, "training wall-clock time (s, evaluation excluded)"), (by_step, "steps per worker")):
-        axis.axhline(target * 100, color="gray", linestyle=":", linewidth=1)
-        axis.set_xlabel(xlabel)
-        axis.set_ylabel("test error (%)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "reproduce_error.png", dpi=80)
-    plt.close(fig)
-
-    led = [r for r in results if r.leaders]
-    if not led:
-        return
-    fig, axes = plt.subplots(len(led), 2, figsize=(12, 3 * len(led)), squeeze=False, width_ratios=[3, 1])
-    for (timeline, bars), r in zip(axes, led):
-        timeline.step([s for s, _ in r.leaders], [w for _, w in r.leaders], where="post", linewidth=0.8)
-        timeline.plot([s for s, _ in r.leaders], [w for _, w in r.leaders], "k.", markersize=3)
-        timeline.set_yticks(range(r.workers))
-        timeline.set_xlabel("step")
-        timeline.set_ylabel("leader (worker rank)")
-        timeline.set_title(f"{r.label}: leader at each round")
-        counts = [sum(1 for _, who in r.leaders if who == k) for k in range(r.workers)]
-        bars.bar(range(r.workers), counts)
-        bars.set_xticks(range(r.workers))
-        bars.set_xlabel("worker")
-        bars.set_title("rounds led")
-    fig.tight_layout()
-    fig.savefig(out / "reproduce_leader.png", dpi=80)
-    plt.close(fig)
-
-
-def write_curves(results: list[RunResult], path: Path) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["strategy", "workers", "train_s", "wall_s", "step", "epoch", "test_error"])
-        for r in results:
-            for p in r.points:
-                writer.writerow(
-                    [r.strategy, r.workers, f"{p['train_s']:.2f}", f"{p['wall_s']:.2f}", int(p["step"]),
-                     int(p["epoch"]), f"{p['error']:.4f}"]
-                )  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    parser.add_argument("--data-root", type=Path, default=REPO / ".data", help="folder with train/ and test/")
-    parser.add_argument(
-        "--strategies",
-        default=",".join(DEFAULT_STRATEGIES),
-        type=str_list,
-        help=f"{', '.join(STRATEGIES)}, or all (default: {', '.join(DEFAULT_STRATEGIES)})",
-    )
-    parser.add_argument("--workers", type=int_list, default=None, help="worker counts (default: the preset's)")
-    parser.add_argument("--train-per-class", type=int, default=None, help="subset size (default: the preset's)")
-    parser.add_argument("--test-per-class", type=int, default=None)
-    parser.add_argument("--budget", type=float, default=None, help="seconds per run (default: the preset's)")
-    parser.add_argument("--val-every", type=int, default=None, help="steps between evaluations (default: preset)")
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: no limit)")
-    parser.add_argument("--target-error", type=float, default=None, help="for 'time to error' (default: preset)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", type=Path, default=None, help="decoded-image cache (default: the app's)")
-    parser.add_argument("--work-dir", type=Path, default=REPO / ".data" / "reproduce-work", help="subset, run files")
-    parser.add_argument("--timeout", type=float, default=300.0, help="collective timeout (s)")
-    parser.add_argument("--deadline", type=float, default=None, help="give up on a run after this many seconds")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reproduce")
-    parser.add_argument(
-        "override",
-        nargs="*",
-        help="more app overrides, e.g. optim.lr=0.02 data.batch_size=64; lsgd:strategy.tau=4 for lsgd's runs only",
-    )
-    args = parser.parse_args(argv)
+def resolve_preset(args: argparse.Namespace) -> Preset:
+    """The preset with the command line's changes."""
     base = PRESETS[args.preset]
-    preset = Preset(
+    return Preset(
         base.experiment,
         base.overrides,
         tuple(args.workers or base.workers),
@@ -459,61 +284,82 @@ def main(argv: list[str] | None = None) -> None:
         args.target_error if args.target_error is not None else base.target_error,
         base.accelerator,
     )
-    PRESETS[args.preset] = preset
-    if args.strategies == ["all"]:
-        args.strategies = list(STRATEGIES)
-    unknown = [s for s in args.strategies if s not in STRATEGIES]
-    if unknown:
-        parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
 
-    meta = run_metadata([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
-    args.out.mkdir(parents=True, exist_ok=True)
+
+def train(strategy: str, workers: int, preset: Preset, args: argparse.Namespace, root: Path) -> RunResult:
+    """One run: a local job of ``workers`` processes, one thread each (a share of the cores on CPU)."""
+    spec = RunSpec(
+        strategy=strategy,
+        workers=workers,
+        overrides=run_overrides(preset, strategy, workers, args, root),
+        val_every=preset.val_every,
+        budget_s=preset.budget_s,
+        max_steps=args.max_steps,
+        accelerator=preset.accelerator,
+        timeout_s=args.timeout,
+    )
+    threads = max(1, driver.cpu_count() // workers) if preset.accelerator == "cpu" else 1
+    deadline = args.deadline or (3 * preset.budget_s + 300 if preset.budget_s else 7 * 24 * 3600)
+    start = time.perf_counter()
+    result = RunResult(**run_local_job(run_worker, workers, (spec,), deadline_s=deadline, threads=threads)[0])
+    final = f"{result.points[-1]['error'] * 100:.1f}%" if result.points else "n/a"
+    label, seconds = run_label(result.strategy, result.workers), time.perf_counter() - start
+    print(f"reproduce: {label}: {result.steps} steps, final test error {final} ({seconds:.0f} s)", flush=True)
+    return result
+
+
+def measure(args: argparse.Namespace, meta: dict[str, Any]) -> None:
+    """Every run in turn; writes the three CSV files; the preset and the data go to meta.json."""
+    preset = resolve_preset(args)
     subset = args.work_dir / f"cifar10-subset-{preset.train_per_class}-{preset.test_per_class}"
     root = make_subset(args.data_root.resolve(), subset, preset.train_per_class, preset.test_per_class)
-    args.data_desc = (
+    meta["preset_name"], meta["preset"] = args.preset, asdict(preset)
+    meta["data"] = (
         f"{preset.train_per_class or 'all'} train / {preset.test_per_class or 'all'} test images per class "
         f"of `{args.data_root}`"
     )
     # Decode (and cache) the images once, here, before any worker starts.
     from lsgd_lightning.train import build_datamodule
 
-    build_datamodule(compose(run_overrides(preset, "sgd", 1, args, root))).prepare_data()
-
-    cores = cpu_count()
+    build_datamodule(driver.compose(run_overrides(preset, "sgd", 1, args, root))).prepare_data()
     runs = [(s, p) for p in preset.workers for s in args.strategies if s != "sgd"]
     runs += [("sgd", 1)] if "sgd" in args.strategies else []  # one worker alone
-    results: list[RunResult] = []
-    start = time.perf_counter()
-    for strategy, workers in runs:
-        result_path = args.work_dir / f"run-{strategy}-{workers}.json"
-        result_path.unlink(missing_ok=True)
-        spec = RunSpec(
-            strategy=strategy,
-            workers=workers,
-            overrides=run_overrides(preset, strategy, workers, args, root),
-            val_every=preset.val_every,
-            budget_s=preset.budget_s,
-            max_steps=args.max_steps,
-            accelerator=preset.accelerator,
-            threads=max(1, cores // workers) if preset.accelerator == "cpu" else 1,
-            result=str(result_path),
-            timeout_s=args.timeout,
-        )
-        deadline = args.deadline or (3 * preset.budget_s + 300 if preset.budget_s else 7 * 24 * 3600)
-        t0 = time.perf_counter()
-        run_local_job(run_worker, workers, (spec, free_port()), deadline)
-        results.append(RunResult(**json.loads(result_path.read_text())))
-        last = results[-1].points[-1]["error"] * 100 if results[-1].points else float("nan")
-        print(
-            f"reproduce: {results[-1].label}: {results[-1].steps} steps, final test error {last:.1f}% "
-            f"({time.perf_counter() - t0:.0f} s)",
-            flush=True,
-        )
-    meta["wall_time"] = f"{time.perf_counter() - start:.0f} s"
-    write_curves(results, args.out / "reproduce_curves.csv")
-    text = report(results, args.preset, args, meta)
-    (args.out / "reproduce.md").write_text(text)
-    print(text)
+    write_results([train(strategy, workers, preset, args, root) for strategy, workers in runs], args.out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = driver.parser_for(__doc__)
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    parser.add_argument("--data-root", type=Path, default=driver.REPO / ".data", help="folder with train/ and test/")
+    parser.add_argument(
+        "--strategies",
+        default=",".join(DEFAULT_STRATEGIES),
+        type=driver.str_list,
+        help=f"{', '.join(STRATEGIES)}, or all (default: {', '.join(DEFAULT_STRATEGIES)})",
+    )
+    parser.add_argument("--workers", type=driver.int_list, default=None, help="worker counts (default: the preset's)")
+    parser.add_argument("--train-per-class", type=int, default=None, help="subset size (default: the preset's)")
+    parser.add_argument("--test-per-class", type=int, default=None)
+    parser.add_argument("--budget", type=float, default=None, help="seconds per run (default: the preset's)")
+    parser.add_argument("--val-every", type=int, default=None, help="steps between evaluations (default: preset)")
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: no limit)")
+    parser.add_argument("--target-error", type=float, default=None, help="for 'time to error' (default: preset)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="decoded-image cache (default: the app's)")
+    parser.add_argument("--work-dir", type=Path, default=driver.REPO / ".data" / "reproduce-work", help="the subset")
+    parser.add_argument("--timeout", type=float, default=300.0, help="collective timeout (s)")
+    parser.add_argument("--deadline", type=float, default=None, help="give up on a run after this many seconds")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reproduce")
+    parser.add_argument(
+        "override",
+        nargs="*",
+        help="more app overrides, e.g. optim.lr=0.02 data.batch_size=64; lsgd:strategy.tau=4 for lsgd's runs only",
+    )
+    args = parser.parse_args(argv)
+    if args.strategies == ["all"]:
+        args.strategies = list(STRATEGIES)
+    driver.check_known(parser, args.strategies, STRATEGIES, "strategies")
+    driver.run("reproduce", args, argv, measure, report)
 
 
 if __name__ == "__main__":

@@ -12,30 +12,9 @@ from collections.abc import Iterator
 import pytest
 import torch.distributed as dist
 
-LAUNCH_ENV_VARS = (
-    "LOCAL_RANK",
-    "NODE_RANK",
-    "GROUP_RANK",
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "PL_GLOBAL_SEED",
-    "PL_TRAINER_GPUS",
-    "TORCHELASTIC_RUN_ID",
-)
+from lsgd_lightning.local_job import LAUNCH_ENV_VARS, clean_launch_env
 
-
-def clean_launch_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """A copy of ``base`` (default: ``os.environ``) without the variables that would make Lightning join a job."""
-    env = dict(os.environ if base is None else base)
-    for name in LAUNCH_ENV_VARS:
-        env.pop(name, None)
-    for name in list(env):
-        if name.startswith("SLURM_"):
-            env.pop(name)
-    return env
+__all__ = ["clean_launch_env"]
 
 
 @pytest.fixture(autouse=True)
