@@ -30,7 +30,8 @@ and two options of ``LSGDStrategy``: ``lsgd-chain`` (``leader_broadcast="chain"`
 pipeline along a chain starting at the leader, so its link carries one copy) and ``lsgd-overlap``
 (``overlap_steps=tau // 2``: the leader's weights travel as asynchronous broadcasts (the tree: the chain cannot run in
 the background) while the workers keep training, and the pull is applied ``tau // 2`` steps later, toward weights
-that are then ``tau // 2`` steps old: a different algorithm whose accuracy is not measured here). The epoch time of ``lsgd-overlap`` includes waiting for the last round's transfer.
+that are then ``tau // 2`` steps old: a different algorithm whose accuracy is not measured here). The epoch time of
+``lsgd-overlap`` includes waiting for the last round's transfer.
 
 Writes ``netcluster.json`` (every node's record of every job; not committed), ``netcluster.csv`` (the medians per
 rate and configuration) and ``meta.json`` (how it was run), then from the last two ``netcluster.md`` and
