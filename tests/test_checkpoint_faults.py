@@ -28,7 +28,7 @@ def run_job(out: Path, mode: str) -> subprocess.CompletedProcess:
         env=env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=400,  # a hang guard (the rendezvous alone may take checkpoint_job.TIMEOUT)
         start_new_session=True,  # its own process group, which the crash mode kills whole
     )
 

@@ -35,7 +35,7 @@ def test_groups_follow_nodes_and_inter_node_traffic_is_one_copy_per_other_group(
     outputs = []
     try:
         for node in nodes:
-            outputs.append(node.communicate(timeout=240)[0])
+            outputs.append(node.communicate(timeout=400)[0])  # a hang guard (the rendezvous alone may take 120 s)
     finally:
         for node in nodes:
             node.kill()
