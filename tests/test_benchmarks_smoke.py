@@ -160,3 +160,15 @@ def test_netcluster_removes_its_namespaces_when_interrupted(tmp_path: Path) -> N
             proc.kill()
     assert proc.returncode != 0
     assert _namespaces(tag) == []
+
+
+def test_gpu_check_skips_without_a_gpu_and_its_checks_run_on_cpu() -> None:
+    """Without CUDA the GPU check says it skipped and exits 0; its checks themselves run on the CPU (a dry run of
+    the script, so that it works the day a GPU machine runs it)."""
+    if not __import__("torch").cuda.is_available():
+        skipped = run_script("gpu_check.py")
+        assert "SKIPPED: no CUDA device" in skipped.stdout
+    dry = run_script("gpu_check.py", "--device", "cpu", "--quick", "--checks", "kernels,fit/lsgd,precision,hot-path")
+    verdicts = re.findall(r"^(PASS|FAIL) (\S+)", dry.stdout, flags=re.M)
+    assert [label for _, label in verdicts] == ["kernels", "fit/lsgd", "precision/bf16-mixed", "hot-path"], dry.stdout
+    assert {verdict for verdict, _ in verdicts} == {"PASS"}, dry.stdout

@@ -14,18 +14,16 @@ import torch
 from lsgd_lightning import LSGDStrategy
 from lsgd_lightning.strategies.checkpoints import atomic_torch_save
 from tests import models
-from tests.conftest import clean_launch_env
+from tests.conftest import script_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_job(out: Path, mode: str) -> subprocess.CompletedProcess:
-    env = clean_launch_env()
-    env["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
         [sys.executable, str(ROOT / "tests" / "checkpoint_job.py"), str(out), mode],
         cwd=out,
-        env=env,
+        env=script_env(),
         capture_output=True,
         text=True,
         timeout=400,  # a hang guard (the rendezvous alone may take checkpoint_job.TIMEOUT)
