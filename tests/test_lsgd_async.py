@@ -154,3 +154,8 @@ def test_an_unknown_variant_is_refused_by_name() -> None:
 
 def test_the_default_is_the_papers_algorithm() -> None:
     assert AsyncLSGDStrategy().variant == "algorithm1"
+
+
+def test_multi_leader_settings_are_refused_with_what_to_use() -> None:
+    with pytest.raises(ValueError, match="does not take group_size, local_tau: .* Use 'lsgd_multi'"):
+        AsyncLSGDStrategy(group_size=2, local_tau=4)
