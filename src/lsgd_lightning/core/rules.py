@@ -126,15 +126,6 @@ def eamsgd_local_step(
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def downpour_push(held: Tensor, x: Tensor, fetched: Tensor, is_parameter: Tensor) -> Tensor:
-    """The parameter holder after one worker's push: ``w + (x - x_fetched)`` where ``is_parameter`` (bool, same shape).
-
-    ``x - x_fetched`` is the sum of the worker's local updates since its last fetch. Elements that are buffers (e.g.
-    BatchNorm statistics) take the pushing worker's values: summing their moves could overshoot.
-    """
-    return torch.where(is_parameter, held + (x - fetched), x)
-
-
 def downpour_round(
     held: Tensor, x: Tensor, baseline: Tensor, is_parameter: Tensor, push: bool, fetch: bool, push_scale: float = 1.0
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -142,7 +133,8 @@ def downpour_round(
     update accrued since its last push. Push: ``w <- w + s (x - baseline)``, nothing is accrued any more
     (``baseline <- x``); fetch: ``x <- w``, the accrued update carried over (``baseline <- w - accrued``). Both: the
     push first, so the fetched ``w`` holds it. Buffers (``is_parameter`` False) are copied, never summed: pushed
-    from the worker, fetched from the holder. ``s`` is ``push_scale``. Returns ``(w', x', baseline')``.
+    from the worker, fetched from the holder. ``s`` is ``push_scale``. All tensors have one shape (a flat bucket;
+    ``is_parameter`` bool). Returns ``(w', x', baseline')``.
     """
     if push:
         held = torch.where(is_parameter, held + push_scale * (x - baseline), x)
