@@ -12,12 +12,12 @@ update to its copy, so the copies stay identical and the center itself is never 
 worker: one all-reduce of the floating-point parameters and buffers, 4·d bytes for float32, i.e. 4·d / tau per step.
 Integer buffers stay local. The elastic term is applied outside the optimizer, so momentum never sees it.
 
-Momentum (``momentum_rule``). ``"optimizer"`` (default): the optimizer steps as it is; with torch's Nesterov SGD the
-weights it holds are the look-ahead point x + δv (torch stores Sutskever's reparametrization), so the elastic force
-acts on x + δv: a variant, not the paper's EAMSGD. ``"eamsgd"``: EAMSGD as the paper defines it (Sec. 3.2, eq. 7,
-read from a public transcription of the paper; its Algorithm 2, the asynchronous form, is a figure there, and was
-read from the authors' code, ``sixin-zh/mpiT``, ``BiCNN/optim-eamsgd.lua``, which takes the elastic difference from
-the weights before the local step and applies it after it)::
+Momentum (``momentum_rule``). ``"optimizer"`` (default, the behaviour of earlier versions): the optimizer steps as
+it is. torch's Nesterov SGD stores Sutskever's reparametrization: the weights it holds are the look-ahead point
+y = x + δv, so the elastic force acts on x + δv (and the next gradient is taken at the moved look-ahead). That is a
+variant of the package, not the paper's EAMSGD. ``"eamsgd"``: EAMSGD as the paper defines it (Sec. 3.2, eq. 7; the
+asynchronous form, Algorithm 2, as the authors' code ``sixin-zh/mpiT``, ``BiCNN/optim-eamsgd.lua``, runs it: the
+elastic difference taken from the weights before the local step, applied after it)::
 
     v_{t+1} = δ v_t - η g_t(x_t + δ v_t)
     x_{t+1} = x_t + v_{t+1} - α (x_t - c_t)          (the force on x_t; v never sees it; δ = 0 gives EASGD, eq. 5)
