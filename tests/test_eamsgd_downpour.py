@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests import async_scenarios
+from tests import async_scenarios, models
 from tests import async_simulation as asim
-from tests import models
 from tests import scenarios as sync_scenarios
 from tests import simulation as sim
 from tests.async_scenarios import DOWNPOUR, DOWNPOUR_PUSH_FETCH, EASGD_ASYNC

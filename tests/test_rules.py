@@ -69,7 +69,11 @@ def test_eamsgd_local_step_is_nesterov_momentum_on_the_gradient() -> None:
     assert (x.tolist(), v.tolist(), y.tolist()) == (pytest.approx([1.0]), pytest.approx([0.0]), pytest.approx([1.0]))
     # without decay: v' = 0.25 - 0.2 = 0.05; x' = 1.05; y' = 1.05 + 0.025 = 1.075
     x, v, y = rules.eamsgd_local_step(T([1.0]), T([0.5]), T([1.25]), T([2.0]), lr=0.1, momentum=0.5, weight_decay=0.0)
-    assert (x.tolist(), v.tolist(), y.tolist()) == (pytest.approx([1.05]), pytest.approx([0.05]), pytest.approx([1.075]))
+    assert (x.tolist(), v.tolist(), y.tolist()) == (
+        pytest.approx([1.05]),
+        pytest.approx([0.05]),
+        pytest.approx([1.075]),
+    )
 
 
 def test_eamsgd_without_force_is_torch_nesterov_sgd_on_the_look_ahead_point() -> None:

@@ -38,8 +38,8 @@ P·alpha of the way to the workers' mean, which must not overshoot it: 0 < P·al
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -53,6 +53,7 @@ from ..core.rules import eamsgd_local_step, elastic_alpha, elastic_round, square
 from .checkpoints import restored_flats, saved_flats
 from .checks import check_choice, check_eamsgd_optimizer, check_elastic_rates
 from .periodic import PeriodicStrategy
+from .stepping import replaced_step
 
 MOMENTUM_RULES = ("optimizer", "eamsgd")
 
@@ -133,27 +134,11 @@ class ElasticStrategy(PeriodicStrategy):
     # ------------------------------------------------------------------------------------------------ the step
     @override
     def _local_step(self, optimizer: Optimizer) -> AbstractContextManager[None]:
-        return self._eamsgd_step(optimizer) if self.eamsgd else super()._local_step(optimizer)
-
-    @contextmanager
-    def _eamsgd_step(self, optimizer: Optimizer) -> Iterator[None]:
-        """Let Lightning run ``optimizer.step(closure)`` (forward and backward at y, clipping, hooks), then take
-        EAMSGD's step instead of SGD's: ``step`` is shadowed on this one instance for the duration of the call."""
-        previous = optimizer.__dict__.get("step")
-
-        def step(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
-            loss = closure() if closure is not None else None
-            self._momentum_step(optimizer)
-            return loss
-
-        optimizer.step = step  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            if previous is None:
-                del optimizer.step
-            else:
-                optimizer.step = previous  # type: ignore[method-assign]
+        if not self.eamsgd:
+            return super()._local_step(optimizer)
+        # Lightning runs optimizer.step(closure) (forward and backward at y, clipping, hooks); EAMSGD's step replaces
+        # SGD's own update
+        return replaced_step(optimizer, lambda: self._momentum_step(optimizer))
 
     @torch.no_grad()
     def _momentum_step(self, optimizer: Optimizer) -> None:
