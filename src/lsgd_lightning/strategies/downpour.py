@@ -1,6 +1,6 @@
 """DOWNPOUR SGD (Dean et al., NIPS 2012), the asynchronous parameter-server baseline of the LSGD and EASGD papers.
 
-A parameter holder keeps the model w on the job's store (:class:`~._board.StoreBoard`). Every worker trains its
+A parameter holder keeps the model w on the job's store (:class:`~lsgd_lightning.core.board.StoreBoard`). Every worker trains its
 replica at its own pace. As in Dean et al.'s Downpour client (their Algorithm 7.1, parameters n_fetch and n_push), a
 worker pushes the update it accrued every ``push_every`` of its *own* optimizer steps and fetches the parameters
 every ``fetch_every``; with ``b`` the point its accrued update is measured from (its *baseline*)::
@@ -22,8 +22,8 @@ pushed update, so that P workers together move w about as far as one step of the
 ``push_every = fetch_every = 1`` this is exactly every worker's learning rate divided by P).
 
 Defaults: ``tau=1`` (push and fetch after every step), the EASGD paper's setting for DOWNPOUR (Zhang et al. 2015,
-Sec. 5.2: DOWNPOUR and MDOWNPOUR were run with τ = 1 in the experiments of Figs. 3 and 4; in Fig. 2 all
-DOWNPOUR-based methods did best at τ ∈ {1, 4} and became highly unstable at τ ∈ {16, 64}).
+Sec. 5, as read from a transcription of the paper: DOWNPOUR and MDOWNPOUR were run with τ = 1 in the experiments of
+Figs. 3 and 4; in Fig. 2 the DOWNPOUR-based methods did best at τ ∈ {1, 4} and became unstable at τ ∈ {16, 64}).
 
 Communicated per round, through the store served by the rank-0 process (d = floating-point parameters and buffers,
 4·d bytes for float32): a push reads and writes w (8·d), a fetch reads it (4·d), both together 8·d.
