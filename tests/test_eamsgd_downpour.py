@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 from tests import async_scenarios, models
@@ -20,7 +19,7 @@ from tests import async_simulation as asim
 from tests import scenarios as sync_scenarios
 from tests import simulation as sim
 from tests.async_scenarios import DOWNPOUR, DOWNPOUR_PUSH_FETCH, EASGD_ASYNC
-from tests.multiproc import run_workers
+from tests.multiproc import rank_results, scenario_job
 from tests.scenarios import EASGD, STEPS
 from tests.test_distributed import assert_states_close
 
@@ -38,15 +37,11 @@ def run_fidelity_scenarios(rank: int, world_size: int, out: str, names: list[str
     sync_scenarios.run_scenarios(rank, world_size, out, names, run=_scenario)
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fidelity")
-    run_workers(run_fidelity_scenarios, WORLD, (str(out), SYNC + ASYNC), errdir=out / "errors", timeout_s=400)
-    return out
+job = scenario_job("fidelity", run_fidelity_scenarios, WORLD, SYNC + ASYNC, timeout_s=400)
 
 
 def results(job: Path, name: str) -> list[dict[str, Any]]:
-    return [torch.load(job / name / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return rank_results(job, name, WORLD)
 
 
 def far_apart(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:

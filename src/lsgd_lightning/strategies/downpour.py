@@ -1,9 +1,10 @@
 """DOWNPOUR SGD (Dean et al., NIPS 2012), the asynchronous parameter-server baseline of the LSGD and EASGD papers.
 
-A parameter holder keeps the model w on the job's store (:class:`~lsgd_lightning.core.board.StoreBoard`). Every worker trains its
-replica at its own pace. As in Dean et al.'s Downpour client (their Algorithm 7.1, parameters n_fetch and n_push), a
-worker pushes the update it accrued every ``push_every`` of its *own* optimizer steps and fetches the parameters
-every ``fetch_every``; with ``b`` the point its accrued update is measured from (its *baseline*)::
+A parameter holder keeps the model w on the job's store (:class:`~lsgd_lightning.core.board.StoreBoard`). Every
+worker trains its replica at its own pace. As in Dean et al.'s Downpour client (their Algorithm 7.1, parameters
+n_fetch and n_push), a worker pushes the update it accrued every ``push_every`` of its *own* optimizer steps and
+fetches the parameters every ``fetch_every``; with ``b`` the point its accrued update is measured from (its
+*baseline*)::
 
     push:   w <- w + s (x_i - b)      b <- x_i           (x_i - b: its local updates since the last push)
     fetch:  x_i <- w                  b <- w - (x_i - b) (the update accrued and not yet pushed is kept)
