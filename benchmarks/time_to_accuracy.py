@@ -1,7 +1,7 @@
 """The paper's claim where it can be seen: test error against wall-clock time on a bandwidth-limited cluster.
 
     mkdir -p ~/.cache/cifar10 && tar xzf cifar10-jpeg.tar.gz -C ~/.cache/cifar10   # train/<class>/*, test/<class>/*
-    sudo python benchmarks/time_to_accuracy.py --data-root ~/.cache/cifar10         # the grid: 5 x 3 runs, ~2.3 h
+    sudo python benchmarks/time_to_accuracy.py --data-root ~/.cache/cifar10         # the grid: 5 x 3 runs, ~2.5 h
     python benchmarks/time_to_accuracy.py --report-only benchmarks/results/time_to_accuracy
 
 The cluster is ``netns.py``'s (the one ``netcluster.py`` measures): ``--nodes`` network namespaces on a bridge, every
@@ -27,15 +27,18 @@ evaluation is due (one per ``--eval-every`` seconds of training time) or the bud
 strategy's evaluation model into every node (as Lightning's validation does), and the nodes test it on the full test
 split together (node i takes images i, i+N, ...; the counts are all-reduced): the test error of the evaluated model on
 all 10,000 images. Its time and its traffic do not count against the budget or the bytes. Evaluations therefore fall
-up to ``--check-every`` steps after their mark; each point records its own training time, step and epoch.
+up to ``--check-every`` steps after their mark; each point records its own training time, step and epoch. For
+DOWNPOUR, asynchronous by design, the check is a synchronization point the algorithm does not have (every τ steps;
+on nodes of equal speed it costs one small all-reduce).
 
 Per run, rank 0 records (training seconds, wall seconds, step, epoch, test error) at every evaluation, and every node
-its interface's bytes sent and received during training (whole frames; evaluation traffic subtracted) and the
-strategy's payload meter. Each finished run is written to ``<out>/runs/<strategy>-seed<k>.json`` at once, with the
-load average before and after it; a rerun skips the runs whose file exists (the grid can be run in parts, or a
-disturbed run deleted and rerun). Then ``time_to_accuracy_curves.csv`` and ``time_to_accuracy_runs.csv`` are rebuilt
-from all run files and the report (``time_to_accuracy.md``, ``time_to_accuracy.png``) written from those;
-``--report-only DIR`` (or ``python benchmarks/report.py DIR``) rewrites it without training.
+its interface's bytes sent and received during training (whole frames, counted up to the last evaluation;
+evaluation traffic subtracted, the final sync after training left out) and the strategy's payload meter. Each
+finished run is written to ``<out>/runs/<strategy>-seed<k>.json`` at once, with the load average before and after
+it; a rerun skips the runs whose file exists (the grid can be run in parts, or a disturbed run deleted and rerun).
+Then ``time_to_accuracy_curves.csv`` and ``time_to_accuracy_runs.csv`` are rebuilt from all run files and the report
+(``time_to_accuracy.md``, ``time_to_accuracy.png``) written from those; ``--report-only DIR`` (or
+``python benchmarks/report.py DIR``) rewrites it without training.
 
 Needs root and iproute2 for the namespaces; ``--network loopback`` runs the same nodes as plain processes on
 127.0.0.1 without any rate limit (a pipeline check only: no wire bytes, no network effect). Timing runs belong on a
@@ -65,7 +68,6 @@ from netns import (
     rate_bits,
     remove_stale_namespaces,
     run_plan,
-    settled_counters,
 )
 from time_to_accuracy_report import CURVES, RUNS, STRATEGIES, CurvePoint, RunRow, report
 
@@ -128,6 +130,8 @@ def node_main(spec: dict[str, Any]) -> None:
             self.eval_tx = self.eval_rx = 0
             self.eval_payload = 0
             self.next_mark = spec["eval_every"]
+            self.end_counters: tuple[int, int] | None = None  # at the stop: the end of the training traffic
+            self.end_payload = 0
 
         def train_s(self) -> float:
             return time.perf_counter() - self.start - self.eval_s
@@ -151,6 +155,8 @@ def node_main(spec: dict[str, Any]) -> None:
                 self.next_mark = (math.floor(train_s / spec["eval_every"]) + 1) * spec["eval_every"]
             if train_s >= spec["budget"]:
                 trainer.should_stop = True
+                # the training traffic ends here: the final sync after fit is neither training nor evaluation
+                self.end_counters, self.end_payload = counters(iface), _payload(trainer)
 
         def evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, train_s: float) -> None:
             begin, (tx, rx), payload = time.perf_counter(), counters(iface), _payload(trainer)
@@ -199,14 +205,16 @@ def node_main(spec: dict[str, Any]) -> None:
         callbacks=[clock],
     )
     trainer.fit(build_model(cfg, datamodule), train_dataloaders=datamodule.train_dataloader())
-    tx, rx = settled_counters(iface) if wire else (0, 0)
+    if clock.end_counters is None:  # fit ended before the budget (max_epochs): the traffic up to now
+        clock.end_counters, clock.end_payload = counters(iface), _payload(trainer)
+    tx, rx = clock.end_counters
     result = {
         "rank": trainer.global_rank,
         "steps": trainer.global_step,
         "train_s": clock.points[-1]["train_s"],
         "tx": tx - clock.tx0 - clock.eval_tx if wire else float("nan"),
         "rx": rx - clock.rx0 - clock.eval_rx if wire else float("nan"),
-        "payload": _payload(trainer) - clock.eval_payload,
+        "payload": clock.end_payload - clock.eval_payload,
         "rounds": float(getattr(getattr(trainer.strategy, "comm", None), "rounds", 0)),
         "points": clock.points if trainer.global_rank == 0 else [],
     }
