@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--quick", action="store_true", help="fewer strategies and a smaller hot-path model")
-    parser.add_argument("--checks", default="", help="comma-separated labels or groups, e.g. kernels,fit/lsgd,precision (default: all)")
+    parser.add_argument(
+        "--checks", default="", help="comma-separated labels or groups, e.g. kernels,fit/lsgd,precision (default: all)"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: SKIPPED: no CUDA device on this machine (nothing was checked; run it on a GPU machine)")
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     size = 2_000_000 if args.quick else 25_600_000
     checks += [("hot-path", lambda: check_hot_path(args.device, size))]
     chosen = [c for c in args.checks.split(",") if c]
-    checks = [(label, check) for label, check in checks if not chosen or {label, label.split('/')[0]} & set(chosen)]
+    checks = [(label, run) for label, run in checks if not chosen or {label, label.split("/")[0]} & set(chosen)]
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     print(f"gpu_check on {device_name}, torch {torch.__version__}, lightning {pl.__version__}", flush=True)
     failed = 0

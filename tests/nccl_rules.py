@@ -78,7 +78,8 @@ def check_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None
     device = torch.device(os.environ.get(DEVICE_ENV, "cpu"))
     for tensor in _tensors([*args, *kwargs.values()]):
         if tensor.layout != torch.strided or not tensor.is_contiguous():
-            raise NCCLRuleViolation(f"torch.distributed.{name}: a non-contiguous or sparse tensor {tuple(tensor.shape)}")
+            shape = tuple(tensor.shape)
+            raise NCCLRuleViolation(f"torch.distributed.{name}: a non-contiguous or sparse tensor of shape {shape}")
         if tensor.device.type != device.type:
             raise NCCLRuleViolation(
                 f"torch.distributed.{name}: a tensor on {tensor.device}, the communication device is {device}"

@@ -66,8 +66,7 @@ atomic_torch_save({"weights": torch.ones(3)}, Path(sys.argv[1]), half_then_die)
 def test_a_crash_while_writing_never_leaves_a_checkpoint_that_looks_complete(tmp_path: Path) -> None:
     target = tmp_path / "last.ckpt"
     atomic_torch_save({"weights": torch.zeros(3)}, target)  # the last complete checkpoint
-    env = clean_launch_env()
-    result = subprocess.run([sys.executable, "-c", CRASH_MID_WRITE, str(target)], env=env, timeout=60)
+    result = subprocess.run([sys.executable, "-c", CRASH_MID_WRITE, str(target)], env=script_env(), timeout=60)
     assert result.returncode == -9
     assert torch.equal(torch.load(target, weights_only=True)["weights"], torch.zeros(3))  # still the old one
     assert [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"] != []  # only a hidden .tmp remains

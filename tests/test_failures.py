@@ -87,8 +87,10 @@ def test_a_killed_worker_stops_the_job_and_is_named(tmp_path: Path) -> None:
 
 def test_failure_board_names_a_killed_rank_under_an_external_launcher(tmp_path: Path) -> None:
     """Without Lightning's observer (torchrun, SLURM), the survivor's error itself names the silent rank."""
-    with pytest.raises(LocalJobError) as caught:  # not a LocalJobTimeout: rank 0 ends by itself after its peer died
-        run_local_job(externally_launched, 2, (str(tmp_path),), deadline_s=300, grace_s=60)  # a hang guard: start-up alone took over 20 s under load
+    # not a LocalJobTimeout: rank 0 ends by itself after its peer died (the deadline is a hang guard: start-up alone
+    # took over 20 s under load)
+    with pytest.raises(LocalJobError) as caught:
+        run_local_job(externally_launched, 2, (str(tmp_path),), deadline_s=300, grace_s=60)
     assert caught.value.exit_codes == [0, -9], str(caught.value)
     message = (tmp_path / "rank0.txt").read_text()
     assert "rank(s) [1] did not answer" in message, message
