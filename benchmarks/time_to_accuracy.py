@@ -388,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     args.override += [f"data.batch_size={args.batch_size}", f"data.eval_batch_size={args.eval_batch_size}"]
+    if args.report_only is None and {"lsgd", "lsgd-overlap"} & set(args.strategies):
+        from lsgd_lightning import LSGDStrategy  # here: importing the package imports Lightning
+
+        if args.lsgd_eval_on not in LSGDStrategy.evaluated_models():
+            parser.error(f"--lsgd-eval-on: LSGDStrategy evaluates one of {LSGDStrategy.evaluated_models()}")
     if args.report_only is None and args.network == "netns":
         reason = missing_capability()
         if reason is not None:
