@@ -35,6 +35,8 @@ META = "meta.json"
 T = TypeVar("T")
 Measure = Callable[[argparse.Namespace, dict[str, Any]], None]  # writes data files into args.out, facts into meta
 Report = Callable[[Path, dict[str, Any]], str]  # reads a results folder: writes its plots, returns its markdown
+# The app's overrides for CIFAR-10's per-channel mean and std (the imagefolder config defaults to ImageNet's).
+CIFAR_NORMALIZATION = ["data.mean=[0.4914,0.4822,0.4465]", "data.std=[0.2470,0.2435,0.2616]"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

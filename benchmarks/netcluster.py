@@ -46,12 +46,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -60,7 +58,16 @@ from typing import Any
 
 import driver
 from netcluster_report import CONFIGS, LSGD_CONFIGS, Summary, report
-from netns import cluster_up, missing_capability, rate_bits, remove_stale_namespaces, run_plan
+from netns import (
+    cluster_up,
+    counters,
+    exit_with_parent,
+    missing_capability,
+    rate_bits,
+    remove_stale_namespaces,
+    run_plan,
+    settled_counters,
+)
 
 
 def _strategy(spec: dict[str, Any]) -> Any:
@@ -79,39 +86,6 @@ def _strategy(spec: dict[str, Any]) -> Any:
     if name == "lsgd-overlap":
         return LSGDStrategy(tau=tau, final_sync=False, timeout=timeout, overlap_steps=tau // 2)
     return LSGDStrategy(tau=tau, final_sync=False, timeout=timeout, leader_broadcast="chain")
-
-
-def _counters(iface: str) -> tuple[int, int]:
-    base = Path("/sys/class/net") / iface / "statistics"
-    return int((base / "tx_bytes").read_text()), int((base / "rx_bytes").read_text())
-
-
-def _settled_counters(iface: str, quiet_s: float = 0.3, limit_s: float = 20.0) -> tuple[int, int]:
-    """The interface counters once nothing has moved for ``quiet_s`` (data still queued in tbf or sockets)."""
-    last, since, end = _counters(iface), time.monotonic(), time.monotonic() + limit_s
-    while time.monotonic() < end:
-        time.sleep(0.05)
-        now = _counters(iface)
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            break
-    return last
-
-
-def _exit_with_parent(parent: int) -> None:
-    """End this worker as soon as the orchestrator ``parent`` is gone (even after SIGKILL): never wait forever.
-
-    ``ip netns exec`` replaces itself with this process, so its parent is the orchestrator; when that dies this
-    process is re-parented and ``getppid`` changes.
-    """
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(3)
-
-    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def node_main(spec: dict[str, Any]) -> None:
@@ -138,11 +112,11 @@ def node_main(spec: dict[str, Any]) -> None:
             self.seen_rounds = 0
 
         def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-            self.start = (time.perf_counter(), *_counters(iface), trainer.strategy.comm.bytes)
+            self.start = (time.perf_counter(), *counters(iface), trainer.strategy.comm.bytes)
 
         def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
             if self.lsgd and (trainer.global_step + 1) % tau == 0:  # this step ends with a round
-                self.round_starts.append(_counters(iface))
+                self.round_starts.append(counters(iface))
 
         def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
             self.step_ends.append(time.perf_counter() - self.start[0])
@@ -157,7 +131,7 @@ def node_main(spec: dict[str, Any]) -> None:
                 strategy.finish_transfer()  # an overlapped round's last transfer belongs to this epoch
             self.seconds = time.perf_counter() - self.start[0]
             self.comm = (strategy.comm.bytes - self.start[3], strategy.comm.seconds, strategy.comm.rounds)
-            self.end = _settled_counters(iface)
+            self.end = settled_counters(iface)
             bounds = [*self.round_starts, self.end]
             for k, record in enumerate(self.rounds):
                 record["tx"] = bounds[k + 1][0] - bounds[k][0]
@@ -319,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         # The orchestrator starts workers with these signals held (see run_plan); they must reach the worker.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
         spec = json.loads(args.node)
-        _exit_with_parent(spec["parent"])
+        exit_with_parent(spec["parent"])
         node_main(spec)
         return 0
     driver.check_known(parser, args.configs, CONFIGS, "configuration(s)")

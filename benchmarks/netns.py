@@ -17,8 +17,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,10 @@ class Cluster:
     def address(self, i: int) -> str:
         return f"{self.subnet}.{i + 1}"
 
+    def launch_prefix(self, i: int) -> list[str]:
+        """The command prefix that runs a program inside node ``i``'s namespace."""
+        return ["ip", "netns", "exec", self.node(i)]
+
     def _add_namespace(self, name: str) -> None:
         _run("ip", "netns", "add", name)
         self.created.append(name)  # recorded at once: a failure later still deletes it
@@ -131,6 +136,26 @@ class Cluster:
         self.created.clear()
 
 
+@dataclass
+class Loopback:
+    """The same interface as :class:`Cluster` without namespaces: every node a plain process on 127.0.0.1 (``lo``),
+    no rate limit. For machines without root, where only the pipeline (not the network) can be exercised."""
+
+    nodes: int
+
+    def iface(self, i: int) -> str:
+        return "lo"
+
+    def address(self, i: int) -> str:
+        return "127.0.0.1"
+
+    def launch_prefix(self, i: int) -> list[str]:
+        return []
+
+    def set_rate(self, rate: str) -> None:
+        """No links to limit."""
+
+
 def rate_bits(rate: str) -> float:
     match = RATE_RE.match(rate)
     if not match:
@@ -148,8 +173,10 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     raise Interrupted(f"signal {signum}")
 
 
-def run_plan(cluster: Cluster, script: Path, spec: dict[str, Any], plan: list[dict[str, str]], workdir: Path,
-             deadline_s: float) -> list[list[dict[str, Any]]]:  # fmt: skip
+def run_plan(cluster: Cluster | Loopback, script: Path, spec: dict[str, Any], plan: list[dict[str, Any]],
+             workdir: Path, deadline_s: float,
+             progress: Callable[[int, dict[str, Any], list[dict[str, Any]]], str] | None = None,
+             ) -> list[list[dict[str, Any]]]:  # fmt: skip
     """Start one worker per node namespace, once, and run the jobs of ``plan`` one after another.
 
     A worker is ``python script --node SPEC`` (``spec`` plus the plan, its interface, the work folder and this
@@ -158,6 +185,7 @@ def run_plan(cluster: Cluster, script: Path, spec: dict[str, Any], plan: list[di
     The workers stay up for the whole plan (one start-up, one process group). Before job k the link rate is set
     here, then the file ``go-k`` releases the workers; each writes ``node<i>-<k>.json`` when its epoch is done.
     Every job has a deadline; a worker that fails or a job that runs past its deadline stops everything.
+    ``progress(k, job, node_results)`` is the line printed after job k (default: the slowest node's ``epoch_s``).
     """
     from lsgd_lightning.local_job import clean_launch_env  # here: importing the package imports Lightning
 
@@ -187,7 +215,7 @@ def run_plan(cluster: Cluster, script: Path, spec: dict[str, Any], plan: list[di
             )
             log = open(workdir / f"node{i}.log", "wb")  # noqa: SIM115 (closed in finally)
             logs.append(log)
-            cmd = ["ip", "netns", "exec", cluster.node(i), sys.executable, str(script), "--node", json.dumps(node_spec)]
+            cmd = [*cluster.launch_prefix(i), sys.executable, str(script), "--node", json.dumps(node_spec)]
             # Ctrl-C between the fork and the append would leak a worker that `_stop` never sees: hold the signals
             # (the child inherits the mask; the worker unblocks them first thing).
             held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
@@ -211,14 +239,51 @@ def run_plan(cluster: Cluster, script: Path, spec: dict[str, Any], plan: list[di
                     raise RuntimeError(f"{job['config']} at {job['rate']}: {what}; its log ends with:\n{tail}")
                 time.sleep(0.2)
             results.append([json.loads(f.read_text()) for f in files])
-            epoch = max(node["epoch_s"] for node in results[-1])
-            print(f"netcluster: job {k + 1}/{len(plan)}: {job['rate']:>8} {job['config']:<13} epoch {epoch:6.1f} s",
-                  flush=True)  # fmt: skip
+            print((progress or _epoch_line)(k, job, results[-1]) + f" (job {k + 1}/{len(plan)})", flush=True)
         return results
     finally:
         _stop(procs)
         for log in logs:
             log.close()
+
+
+def counters(iface: str) -> tuple[int, int]:
+    """Bytes sent and received so far by interface ``iface`` (whole frames, as the kernel counts them)."""
+    base = Path("/sys/class/net") / iface / "statistics"
+    return int((base / "tx_bytes").read_text()), int((base / "rx_bytes").read_text())
+
+
+def settled_counters(iface: str, quiet_s: float = 0.3, limit_s: float = 20.0) -> tuple[int, int]:
+    """The interface counters once nothing has moved for ``quiet_s`` (data still queued in tbf or sockets)."""
+    last, since, end = counters(iface), time.monotonic(), time.monotonic() + limit_s
+    while time.monotonic() < end:
+        time.sleep(0.05)
+        now = counters(iface)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+    return last
+
+
+def exit_with_parent(parent: int) -> None:
+    """End this worker as soon as the orchestrator ``parent`` is gone (even after SIGKILL): never wait forever.
+
+    ``ip netns exec`` replaces itself with this process, so its parent is the orchestrator; when that dies this
+    process is re-parented and ``getppid`` changes.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def _epoch_line(k: int, job: dict[str, Any], nodes: list[dict[str, Any]]) -> str:
+    epoch = max(node["epoch_s"] for node in nodes)
+    return f"netcluster: {job['rate']:>8} {job['config']:<13} epoch {epoch:6.1f} s"
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:

@@ -44,6 +44,7 @@ files ``reproduce.md`` (final error table, time and steps to ``--target-error``,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,7 +57,6 @@ import driver
 from lsgd_lightning.local_job import run_local_job
 from reproduce_report import CURVES, LEADERS, RUNS, STRATEGY_OVERRIDES, Leader, Point, RunRecord, report, run_label
 
-CIFAR_NORMALIZATION = ["data.mean=[0.4914,0.4822,0.4465]", "data.std=[0.2470,0.2435,0.2616]"]
 DEFAULT_STRATEGIES = ("lsgd", "easgd", "dataparallel", "sgd")  # sgd: one worker alone, the paper's SGD baseline
 # Communicate after every step: not in the default list, which keeps the CPU preset at about 10 minutes.
 OPTIONAL_STRATEGIES = ("dpsgd", "d2", "adpsgd", "signum")
@@ -76,6 +76,10 @@ class Preset:
     val_every: int | None = None  # optimizer steps between evaluations; None: every epoch
     target_error: float = 0.1
     accelerator: str = "gpu"
+    # All workers of a run on one device: each process is a "node" of one device (Trainer(devices=1,
+    # num_nodes=P), NODE_RANK = its rank), over gloo (NCCL refuses two ranks on one GPU; gloo moves CUDA tensors
+    # through the host for all-reduce, all-gather and broadcast, the collectives LSGD, EASGD and DataParallel use).
+    share_device: bool = False
 
 
 PRESETS = {
@@ -94,6 +98,15 @@ PRESETS = {
     "cifar10_cnn7": Preset("cifar10_cnn7", workers=(4, 16), target_error=0.20),
     "cifar10_resnet20": Preset("cifar10_resnet20", workers=(4, 16), target_error=0.10),
     "cifar10_vgg16": Preset("cifar10_vgg16", workers=(4, 16), target_error=0.10),
+    # The ResNet20 comparison on one GPU shared by 4 workers, its schedule shortened to SHORT_EPOCHS with the LR
+    # drops at the same fractions as the preset's 82 and 123 of 164 epochs (benchmarks/resnet20_gpu.py).
+    "resnet20_1gpu": Preset(
+        "cifar10_resnet20",
+        ("trainer.max_epochs=20", "optim.milestones=[10,15]"),
+        workers=(4,),
+        target_error=0.15,
+        share_device=True,
+    ),
 }
 
 
@@ -109,6 +122,7 @@ class RunSpec:
     max_steps: int
     accelerator: str
     timeout_s: float = 300.0
+    share_device: bool = False
 
 
 @dataclass
@@ -126,10 +140,11 @@ class RunResult:
 
 def run_overrides(preset: Preset, strategy: str, workers: int, args: argparse.Namespace, root: Path) -> list[str]:
     overrides = [f"experiment={preset.experiment}", *preset.overrides, "data=imagefolder", f"data.root={root}"]
-    overrides += [*CIFAR_NORMALIZATION, f"workers={workers}", "logger=none", "trainer.default_root_dir=."]
+    overrides += [*driver.CIFAR_NORMALIZATION, f"workers={workers}", "logger=none", "trainer.default_root_dir=."]
     overrides += [f"trainer.accelerator={preset.accelerator}", f"seed={args.seed}"]
     if strategy != "sgd":
         overrides += [f"strategy={strategy}", f"strategy.timeout_s={args.timeout:g}"]
+        overrides += ["+strategy.process_group_backend=gloo"] if preset.share_device else []
     if args.cache_dir:
         overrides.append(f"data.cache_dir={args.cache_dir}")
     overrides += STRATEGY_OVERRIDES.get(strategy, ((), ""))[0]
@@ -209,9 +224,14 @@ def run_worker(rank: int, world_size: int, spec: RunSpec) -> dict[str, Any] | No
     datamodule = build_datamodule(cfg)
     model = build_model(cfg, datamodule)
     recorder = Recorder(spec.budget_s)
+    devices, nodes = spec.workers, 1
+    if spec.share_device:  # one device per "node", all of them the same device (see Preset.share_device)
+        os.environ.update(NODE_RANK=str(rank), LOCAL_RANK="0")
+        devices, nodes = 1, spec.workers
     trainer = pl.Trainer(
         accelerator=spec.accelerator,
-        devices=spec.workers,
+        devices=devices,
+        num_nodes=nodes,
         strategy=build_strategy(cfg) if spec.strategy != "sgd" else "auto",
         max_epochs=cfg.trainer.max_epochs,
         max_steps=spec.max_steps,
@@ -282,7 +302,8 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
         args.budget if args.budget is not None else base.budget_s,
         args.val_every or base.val_every,
         args.target_error if args.target_error is not None else base.target_error,
-        base.accelerator,
+        args.accelerator or base.accelerator,
+        base.share_device,
     )
 
 
@@ -297,6 +318,7 @@ def train(strategy: str, workers: int, preset: Preset, args: argparse.Namespace,
         max_steps=args.max_steps,
         accelerator=preset.accelerator,
         timeout_s=args.timeout,
+        share_device=preset.share_device,
     )
     threads = max(1, driver.cpu_count() // workers) if preset.accelerator == "cpu" else 1
     deadline = args.deadline or (3 * preset.budget_s + 300 if preset.budget_s else 7 * 24 * 3600)
@@ -327,7 +349,8 @@ def measure(args: argparse.Namespace, meta: dict[str, Any]) -> None:
     write_results([train(strategy, workers, preset, args, root) for strategy, workers in runs], args.out)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """This script's arguments (also how ``resnet20_gpu.py`` builds its run)."""
     parser = driver.parser_for(__doc__)
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--data-root", type=Path, default=driver.REPO / ".data", help="folder with train/ and test/")
@@ -345,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: no limit)")
     parser.add_argument("--target-error", type=float, default=None, help="for 'time to error' (default: preset)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default=None, help="default: the preset's")
     parser.add_argument("--cache-dir", type=Path, default=None, help="decoded-image cache (default: the app's)")
     parser.add_argument("--work-dir", type=Path, default=driver.REPO / ".data" / "reproduce-work", help="the subset")
     parser.add_argument("--timeout", type=float, default=300.0, help="collective timeout (s)")
@@ -359,7 +383,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.strategies == ["all"]:
         args.strategies = list(STRATEGIES)
     driver.check_known(parser, args.strategies, STRATEGIES, "strategies")
-    driver.run("reproduce", args, argv, measure, report)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    driver.run("reproduce", parse(argv), argv, measure, report)
 
 
 if __name__ == "__main__":

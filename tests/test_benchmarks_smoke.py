@@ -7,8 +7,11 @@ scripts write, not about the numbers, except where a number is exact (bytes per 
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,3 +175,79 @@ def test_gpu_check_skips_without_a_gpu_and_its_checks_run_on_cpu() -> None:
     verdicts = re.findall(r"^(PASS|FAIL) (\S+)", dry.stdout, flags=re.M)
     assert [label for _, label in verdicts] == ["kernels", "fit/lsgd", "precision/bf16-mixed", "hot-path"], dry.stdout
     assert {verdict for verdict, _ in verdicts} == {"PASS"}, dry.stdout
+
+
+def _time_to_accuracy(out: Path, data: Path, network: str, *extra: str) -> str:
+    args = ["--data-root", str(data), "--nodes", "2", "--strategies", "lsgd-overlap", "--seeds", "0"]
+    args += ["--budget", "2", "--eval-every", "1", "--check-every", "2", "--tau", "2", "--batch-size", "4"]
+    args += ["--eval-batch-size", "8", "--timeout", "60", "--deadline", "120", "--network", network]
+    args += ["--cache-dir", str(out.parent / "cache"), "--subnet", "10.215.0", "--out", str(out), *extra]
+    return run_script("time_to_accuracy.py", *args).stdout
+
+
+def test_time_to_accuracy_records_runs_skips_them_on_rerun_and_reports(tmp_path: Path) -> None:
+    """Two nodes (namespaces at 20 Mbit/s where this machine can make them, else plain processes on loopback), one
+    run of LSGD with the overlapped round, two seconds of training: the per-run file, the CSV files, the report; a
+    rerun finds the run done; ``--report-only`` rewrites the report from the CSV files."""
+    _tiny_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    capable = os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
+    network = "netns" if capable else "loopback"
+    first = _time_to_accuracy(out, tmp_path / "data", network)
+    if "skipped, nothing measured" in first:  # root, but no namespaces here (a container without the capability)
+        network = "loopback"
+        first = _time_to_accuracy(out, tmp_path / "data", network)
+    assert "1 run(s) to do, 0 already stored" in first
+    record = json.loads((out / "runs" / "lsgd-overlap-seed0.json").read_text())
+    points = record["points"]
+    assert points[0]["train_s"] == 0.0 and points[0]["step"] == 0  # the starting point
+    assert points[-1]["train_s"] >= 2.0 and record["steps"] == points[-1]["step"] > 0  # the budget was spent
+    assert all(0.0 <= p["error"] <= 1.0 for p in points) and record["rounds"] >= 1
+    if network == "netns":
+        assert min(record["tx_bytes"]) > 0  # wire bytes of both nodes, evaluation traffic excluded
+    text = (out / "time_to_accuracy.md").read_text()
+    assert re.search(r"\| lsgd-overlap \| 1 \|", text), text
+    assert "- one strategy only: no ordering to judge" in text
+    assert len((out / "time_to_accuracy_curves.csv").read_text().splitlines()) == 1 + len(points)
+    assert (out / "time_to_accuracy.png").stat().st_size > 0
+    again = _time_to_accuracy(out, tmp_path / "data", network)
+    assert "0 run(s) to do, 1 already stored" in again
+    text = (out / "time_to_accuracy.md").read_text()  # meta.json now records the second command
+    (out / "time_to_accuracy.md").unlink()
+    run_script("time_to_accuracy.py", "--report-only", str(out))
+    assert (out / "time_to_accuracy.md").read_text() == text
+
+
+def test_time_to_accuracy_orderings_and_times() -> None:
+    """The report's arithmetic: interpolated errors, time to a target, and what the seeds support."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from time_to_accuracy_report import CurvePoint, error_at, ordering, time_to
+
+    curve = [CurvePoint("lsgd", 0, t, t, 0, e, err) for t, e, err in ((0, 0, 0.9), (10, 1, 0.5), (20, 2, 0.3))]
+    assert error_at(curve, 5.0) == pytest.approx(0.7) and error_at(curve, 1.5, "epoch") == pytest.approx(0.4)
+    assert math.isnan(error_at(curve, 21.0)) and time_to(curve, 0.5) == 10 and math.isnan(time_to(curve, 0.2))
+    low, high = {0: 0.2, 1: 0.25, 2: 0.22}, {0: 0.3, 1: 0.31, 2: 0.28}
+    assert ordering("a", low, "b", high, "final error").startswith("**supported**: a below b")
+    assert ordering("b", high, "a", low, "final error").startswith("**supported**: a below b")
+    paired = {0: 0.29, 1: 0.3, 2: 0.27}  # below `high` at every seed, but the ranges overlap
+    assert ordering("a", paired, "b", high, "final error").startswith("suggested only: a below b")
+    assert ordering("a", {0: 0.2, 1: 0.4}, "b", {0: 0.3, 1: 0.3}, "x").startswith("not supported")
+    assert "fewer than 3 seeds" in ordering("a", {0: 0.1}, "b", {0: 0.2}, "x")
+
+
+def test_resnet20_gpu_prints_the_full_commands_and_runs_its_cpu_smoke_mode(tmp_path: Path) -> None:
+    """The GPU reproduction's own path (workers as one-device "nodes" sharing a device, gloo) on the CPU, 3 steps."""
+    _tiny_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    result = run_script(
+        "resnet20_gpu.py",
+        *("--smoke", "--strategies", "lsgd", "--data-root", str(tmp_path / "data"), "--timeout", "60"),
+        *("--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"), "--out", str(out)),
+    )
+    full = "lsgd-train experiment=cifar10_resnet20 trainer=gpu data=imagefolder"
+    assert all(f"{full} data.root={tmp_path / 'data'}" in line for line in result.stdout.splitlines() if full in line)
+    assert result.stdout.count(full) == 3 and "--preset cifar10_resnet20" in result.stdout
+    text = (out / "reproduce.md").read_text()
+    assert re.search(r"\| lsgd \(2 workers\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| 3 \|", text), text
+    assert "- command: `python benchmarks/resnet20_gpu.py --smoke" in text
+    assert "preset `resnet20_1gpu`" in text
