@@ -15,8 +15,8 @@ runs go through ``benchmarks/reproduce.py`` (preset ``resnet20_1gpu``): the test
 model after every epoch, against training time and steps, written to ``--out`` with its report.
 
 Short schedules are not the paper's numbers: expect errors above the paper's final ≈9.2% (LSGD) and ≈9.3% (EASGD)
-after 164 epochs; what a short run can show is the ordering and the time per epoch. The full-length commands are printed first (see
-:func:`full_commands`). Without a GPU (and without ``--smoke``) it prints that and exits 0.
+after 164 epochs; what a short run can show is the ordering and the time per epoch. The full-length commands are
+printed first (see :func:`full_commands`). Without a GPU (and without ``--smoke``) it prints that and exits 0.
 
 ``--smoke`` runs the same code on the CPU with 2 workers, a few steps and tiny batches (the suite's
 ``tests/test_benchmarks_smoke.py`` does, on a few generated images).
