@@ -35,6 +35,7 @@ MULTI = {
     "group_size": 2,
     "local_tau": 2,
     "local_pull_strength": 0.2,
+    "pull_order": "simultaneous",  # what simulation.multi_leader_round replays (the default is "sequential")
 }
 STEPS = 14  # crosses epoch boundaries (6 batches per epoch with 4 workers) and ends mid-epoch
 VAL_EVERY = 3

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from ..core.collectives import Collectives, CommMeter
-from ..core.flat import FlatLayout
+from ..core.flat import FlatLayout, to_master
 from ..core.scores import ScoreWindow, all_diverged_error
 from . import checkpoints as ckpt
 from .checks import (
@@ -41,6 +41,7 @@ from .checks import (
 )
 from .job_control import limit_cpu_threads
 from .metrics import log_rank_local
+from .recalibration import recalibrated
 from .supervised import SupervisedStrategy
 
 START_METHODS = ("popen", "spawn", "fork", "forkserver")
@@ -51,7 +52,8 @@ class ReplicaStrategy(SupervisedStrategy, ABC):
 
     Args:
         eval_on: which weights validation/test/predict see: the algorithm's reference model
-            (``reference_name``, e.g. ``"leader"``) swapped into every rank, or ``"local"`` (each rank its own).
+            (``reference_name``, e.g. ``"leader"``) swapped into every rank, one of ``also_evaluates`` (e.g.
+            ``"average"``: :meth:`_average_weights`), or ``"local"`` (each rank its own).
         final_sync: when ``fit`` ends, every worker takes the reference model's weights.
         loss_window: how many recent training losses make a worker's score.
         bucket_cap_mb: largest flat buffer sent in one collective (MiB).
@@ -64,6 +66,7 @@ class ReplicaStrategy(SupervisedStrategy, ABC):
 
     strategy_name: ClassVar[str]
     reference_name: ClassVar[str]
+    also_evaluates: ClassVar[tuple[str, ...]] = ()  # other models eval_on accepts, e.g. ("average",) for LSGD
     _loss_window_arg: ClassVar[str] = "loss_window"  # the constructor's name for it, used in error messages
     # What a worker without recorded losses misses (said in the warning): only the divergence test, by default.
     _without_loss: ClassVar[str] = "a non-finite loss cannot be noticed (only non-finite weights are)"
@@ -107,7 +110,7 @@ class ReplicaStrategy(SupervisedStrategy, ABC):
     @classmethod
     def evaluated_models(cls) -> tuple[str, ...]:
         """The values ``eval_on`` accepts."""
-        return (cls.reference_name, "local")
+        return (cls.reference_name, *cls.also_evaluates, "local")
 
     # ------------------------------------------------------------------------------------------------ algorithm
     @abstractmethod
@@ -117,6 +120,20 @@ class ReplicaStrategy(SupervisedStrategy, ABC):
     @abstractmethod
     def _reference_weights(self) -> list[Tensor]:
         """Packed weights of the reference model, one flat tensor per bucket of :attr:`layout` (a collective)."""
+
+    def _average_weights(self, bn_recalibration_batches: int = 0) -> list[Tensor]:
+        """The workers' average, packed like :attr:`layout` (a collective): floating-point buckets all-reduced in
+        float32 masters and divided by P, integer buckets this rank's own. With ``bn_recalibration_batches`` > 0 its
+        BatchNorm statistics are re-estimated on that many of this rank's training batches and averaged over the
+        ranks (:func:`~.recalibration.recalibrated`), so every rank gets the same model."""
+        collectives = self.collectives
+        average = [
+            collectives.all_reduce_sum(to_master(bucket.pack())).div_(self.world_size).to(bucket.dtype)
+            if bucket.floating
+            else bucket.pack()
+            for bucket in self.layout.buckets
+        ]
+        return recalibrated(self, average, bn_recalibration_batches) if bn_recalibration_batches > 0 else average
 
     def _extra_state_dict(self) -> dict[str, Any]:
         """Algorithm state that a shard must hold for an exact resume (e.g. EASGD's center)."""

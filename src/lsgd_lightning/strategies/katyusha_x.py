@@ -63,6 +63,8 @@ from ..core.rules import katyusha_momentum
 from ..optim import check_epoch_length, check_tau
 from .dataparallel import DataParallelStrategy
 from .metrics import log_rank_local
+from .recalibration import buffers_kept as _buffers_kept
+from .recalibration import logging_muted as _logging_muted
 
 STATE_KEY = "katyusha_x"
 
@@ -300,31 +302,3 @@ def _parameters_set_to(params: list[Tensor], weights: list[Tensor] | None) -> It
         with torch.no_grad():
             for param, value in zip(params, saved):
                 param.copy_(value)
-
-
-@contextmanager
-def _buffers_kept(module: torch.nn.Module) -> Iterator[None]:
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-
-
-@contextmanager
-def _logging_muted(module: pl.LightningModule) -> Iterator[None]:
-    """Shadow ``log``/``log_dict`` on this one instance, so the extra passes add nothing to the logged metrics."""
-    names = ("log", "log_dict")
-    previous = {name: module.__dict__.get(name) for name in names}
-    for name in names:
-        setattr(module, name, lambda *args, **kwargs: None)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                delattr(module, name)
-            else:
-                setattr(module, name, value)

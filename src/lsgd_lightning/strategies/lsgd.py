@@ -24,6 +24,9 @@ goes on (:class:`~lsgd_lightning.core.transfer.InFlightRound`), and after step t
 the received weights and the due step: a resume is exact) and teardown wait for the transfer first; a round in
 flight when ``fit`` ends is applied then, before the final sync. The chain cannot run in the background (gloo's
 point-to-point operations report no completion before they are waited for), so overlapped rounds use the tree.
+
+``eval_on="average"`` evaluates, checkpoints (main file) and final-syncs the workers' average, what every LSGD figure
+of the paper reports, optionally with re-estimated BatchNorm statistics (:mod:`.recalibration`).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from ..core.collectives import payload_bytes
 from ..core.flat import to_master
 from ..core.rules import elect_leader, leader_pull, squared_distance
 from ..core.transfer import InFlightRound
-from .checks import check_chain_devices, check_leader_options
+from .checks import check_bn_recalibration, check_chain_devices, check_leader_options, refuse_manual_recalibration
 from .metrics import log_rank_local
 from .periodic import PeriodicStrategy
 
@@ -61,8 +64,11 @@ class LSGDStrategy(PeriodicStrategy):
             background and applies the pull toward them (then k steps old) k steps after the election.
         leader_broadcast: ``"tree"`` (default, ``torch.distributed.broadcast``) or ``"chain"`` (point-to-point
             along leader -> next rank -> ...; the leader's link carries one copy; CPU/gloo, blocking rounds only).
-        **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (evaluate the leader, or ``"local"``),
-            ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and Lightning's process arguments.
+        bn_recalibration_batches: with ``eval_on="average"``, re-estimate the average's BatchNorm statistics on
+            this many of each rank's training batches before it is evaluated, saved or final-synced (0: off).
+        **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (``"leader"``, ``"average"``: all workers' mean
+            weights, or ``"local"``), ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and
+            Lightning's process arguments.
 
     ``LSGDStrategy(group_size=...)`` builds a :class:`~.lsgd_multi.MultiLeaderLSGDStrategy` (one leader per group).
     Registered as ``"lsgd"`` (subprocess launcher) and ``"lsgd_spawn"`` (spawn launcher).
@@ -70,6 +76,7 @@ class LSGDStrategy(PeriodicStrategy):
 
     strategy_name: ClassVar[str] = "lsgd"
     reference_name: ClassVar[str] = "leader"
+    also_evaluates: ClassVar[tuple[str, ...]] = ("average",)
     _loss_window_arg: ClassVar[str] = "leader_window"
     _without_loss: ClassVar[str] = "this worker's score stays +inf (it cannot be elected)"
 
@@ -87,10 +94,13 @@ class LSGDStrategy(PeriodicStrategy):
         leader_window: int = 10,
         overlap_steps: int = 0,
         leader_broadcast: str = "tree",
+        bn_recalibration_batches: int = 0,
         **kwargs: Any,
     ) -> None:
         check_leader_options(tau, pull_strength, overlap_steps, leader_broadcast, kwargs)
         super().__init__(tau=tau, loss_window=leader_window, **kwargs)
+        check_bn_recalibration(bn_recalibration_batches, self.eval_on)
+        self.bn_recalibration_batches = bn_recalibration_batches
         self.pull_strength = float(pull_strength)
         self.overlap_steps = overlap_steps
         self.leader_broadcast = leader_broadcast
@@ -113,6 +123,8 @@ class LSGDStrategy(PeriodicStrategy):
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
+        automatic = trainer.lightning_module.automatic_optimization
+        refuse_manual_recalibration(type(self).__name__, self.bn_recalibration_batches, automatic)
         super().setup(trainer)
         if self.overlap_steps > 0 and self._transfer_group is None and self.world_size > 1:
             # Every rank sets up the same Trainer runs, so all of them create this group together.
@@ -187,6 +199,8 @@ class LSGDStrategy(PeriodicStrategy):
     @override
     def _reference_weights(self) -> list[Tensor]:
         self.finish_transfer()  # evaluation, final sync and checkpoints see the round's traffic off the wire
+        if self.eval_on == "average":
+            return self._average_weights(self.bn_recalibration_batches)
         leader = elect_leader(self._gather_scores())
         if leader is None:
             rank_zero_warn("No worker has a finite training loss; rank 0 stands in as the leader.")
