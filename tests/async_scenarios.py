@@ -22,7 +22,7 @@ from lsgd_lightning import AsyncEASGDStrategy, AsyncLSGDStrategy, DownpourStrate
 from tests import models
 from tests.scenarios import TIMEOUT, _expect_error, _fit, run_scenarios
 
-LSGD_ASYNC = {"tau": 3, "pull_strength": 0.3, "leader_window": 2}
+LSGD_ASYNC = {"tau": 3, "pull_strength": 0.3, "leader_window": 2, "variant": "board"}  # the leader board
 EASGD_ASYNC = {"tau": 3, "moving_rate": 0.3}
 DOWNPOUR = {"tau": 3}
 SLOW_RANK, SLOW_S = 1, 0.05

@@ -6,10 +6,13 @@ every round, the worker, its step and the board's transaction number; :func:`rep
 the same order to P simulated workers (``tests/simulation.py``: same model, shards and seed), with the update rules
 written out from the papers:
 
-- asynchronous LSGD (Teng et al. 2019, Algorithm 1): a worker whose score beats the board's leader (or that is the
-  leader) publishes its weights as the leader's copy; every other worker pulls x <- x - pull (x - copy);
+- asynchronous LSGD, the package's ``variant="board"``: a worker whose score beats the board's leader (or that is
+  the leader) publishes its weights as the leader's copy; every other worker pulls x <- x - pull (x - copy);
 - asynchronous EASGD (Zhang et al. 2015, Algorithm 1): delta = alpha (x - c); x <- x - delta; c <- c + delta;
 - DOWNPOUR (Dean et al. 2012): w <- w + (x - x_fetched); x <- w; x_fetched <- w (buffers: the pusher's).
+
+Asynchronous LSGD's default, the paper's Algorithm 1, has no board order: every worker joins every round, so a run
+is fixed by each worker's own step count at each round (:func:`replay_algorithm1`).
 """
 
 from __future__ import annotations
@@ -137,3 +140,49 @@ def replay(
         if leader is not None and leader != board.leader:
             board.state, board.leader, board.score = clone(workers[leader].net.state_dict()), leader, scores[leader]
     return workers, board
+
+
+def algorithm1_rounds(results: list[dict[str, Any]], key: str = "history") -> list[list[int]]:
+    """Per round of Algorithm 1, in order: every rank's own step count when it joined (from ``round_history``)."""
+    rounds: dict[int, dict[int, int]] = {}
+    for rank, result in enumerate(results):
+        for r in result[key]:
+            rounds.setdefault(int(r["lsgd/round"]), {})[rank] = int(r["lsgd/own_steps"])
+    assert all(len(steps) == len(results) for steps in rounds.values()), f"a round without every worker: {rounds}"
+    return [[rounds[k][rank] for rank in range(len(results))] for k in sorted(rounds)]
+
+
+def replay_algorithm1(
+    rounds: list[list[int]],
+    settings: dict[str, Any],
+    world_size: int,
+    total_steps: int,
+    workers: list[sim.Worker] | None = None,
+    poison: tuple[int, int] | None = None,
+    final_election: bool = False,
+) -> tuple[list[sim.Worker], list[dict[str, float] | None]]:
+    """Asynchronous LSGD, Teng et al. 2019, Algorithm 1: at each round every worker has trained locally up to its
+    recorded step count; then the leader is elected over all workers' current scores and every other worker is
+    pulled, x <- x - pull (x - x_leader) (``sim.lsgd_round``: the synchronous round, on workers at unequal steps).
+    After the last round every worker trains to ``total_steps``; ``final_election`` copies the leader's weights to
+    all (final_sync). Returns the workers and each round's outcome."""
+    workers = workers if workers is not None else sim.make_workers(world_size)
+    window = settings.get("leader_window", 10)
+
+    def advance(worker: sim.Worker, to_step: int) -> None:
+        while worker.cursor < to_step:
+            sim.local_step(worker, poison=poison == (worker.rank, worker.cursor))
+
+    outcomes = []
+    for steps in rounds:
+        for worker, own in zip(workers, steps):
+            advance(worker, own)
+        outcomes.append(sim.lsgd_round(workers, settings["pull_strength"], window))
+    for worker in workers:
+        advance(worker, total_steps)
+    if final_election:
+        leader, _ = sim.elect(workers, window)
+        assert leader is not None
+        for worker in workers:
+            worker.net.load_state_dict(clone(workers[leader].net.state_dict()))
+    return workers, outcomes

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -77,6 +77,9 @@ class StoreBoard:
         self.meter = meter
         self.device = device
         self._rendezvous_count = 0
+        # Called over and over while this worker waits at a rendezvous: work the others may need from it meanwhile
+        # (asynchronous LSGD's rounds, which every worker joins).
+        self.while_waiting: Callable[[], None] | None = None
         self.holds_lock = False
         self.transaction = 0  # number of the last transaction this worker ran: the board's order of transactions
 
@@ -141,6 +144,10 @@ class StoreBoard:
     def has_record(self, name: str) -> bool:
         return self.store.check([f"r/{name}"])
 
+    def add(self, name: str, amount: int) -> int:
+        """Add ``amount`` to the job-wide counter ``name`` (created at 0) and return its new value (0 reads it)."""
+        return int(self.store.add(f"c/{name}", amount))
+
     # ---------------------------------------------------------------------------------------------- meeting
     def rendezvous(self, what: str) -> None:
         """Return once every worker has called ``rendezvous`` as often as this one (the n-th call meets the n-th)."""
@@ -153,6 +160,8 @@ class StoreBoard:
         while arrived < self.world_size:
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+            if self.while_waiting is not None:
+                self.while_waiting()
             arrived = self.store.add(key, 0)
             if watch.due():
                 missing = [r for r in range(self.world_size) if not self.store.check([f"{key}/{r}"])]

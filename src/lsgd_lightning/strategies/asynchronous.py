@@ -121,9 +121,23 @@ class AsynchronousStrategy(PeriodicStrategy):
         )
         if self.is_global_zero:
             self._publish_initial(self._resumed_reference_flats())
+        self._prepare_board()
         self._resumed_main_state_dict = None
         super().barrier("lsgd_lightning.async_board_ready")  # nobody reads the board before rank 0 has filled it
+        self._board.while_waiting = self._waiting
+        if self._job is not None:
+            self._job.while_waiting = self._waiting
         self._guard.install()
+
+    def _prepare_board(self) -> None:
+        """Every rank, before the board is used: add what this rank contributes to the shared state."""
+
+    def _while_waiting(self) -> None:
+        """Work the other workers may need from this one while it waits at a meeting point (default: none)."""
+
+    def _waiting(self) -> None:
+        with self._guard.bypass():  # the strategy's own collectives, at a point where every worker takes part
+            self._while_waiting()
 
     def _meet(self, what: str) -> None:
         self.board.rendezvous(what)

@@ -322,8 +322,9 @@ class ReplicaStrategy(SupervisedStrategy, ABC):
                 "loss from training_step, also in manual optimization."
             )
 
-    def _run_round(self, round_: Callable[[], dict[str, float] | None]) -> None:
-        """Run one round on every rank (a collective); count and log it unless it returns ``None`` (skipped)."""
+    def _run_round(self, round_: Callable[[], dict[str, float] | None], log: bool = True) -> None:
+        """Run one round on every rank (a collective); count it unless it returns ``None`` (skipped), and log it
+        (``log=False`` where Lightning allows no logging, e.g. at the end of training)."""
         if self.world_size == 1:
             return
         metrics = round_()
@@ -331,7 +332,8 @@ class ReplicaStrategy(SupervisedStrategy, ABC):
             return
         self.comm.rounds += 1
         self.round_metrics = {**metrics, **self._comm_metrics(), "health/resets": float(self.resets)}
-        log_rank_local(self.lightning_module, self.round_metrics)
+        if log:
+            log_rank_local(self.lightning_module, self.round_metrics)
 
     # ------------------------------------------------------------------------------------------------ evaluation
     def _swap_in_reference(self) -> None:

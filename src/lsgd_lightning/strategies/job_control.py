@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
 from types import FrameType
 from typing import Any
@@ -60,6 +61,7 @@ class JobControl:
         self._loop: Any = None
         self._previous_handler: Any = None
         self.watchdog: Watchdog | None = None  # NCCL only: names a dead or hung peer, see core.watchdog
+        self.while_waiting: Callable[[], None] | None = None  # work the others may need while this worker waits
 
     @classmethod
     def start(cls, trainer: pl.Trainer, health: HealthBoard, timeout: timedelta | None) -> JobControl:
@@ -170,6 +172,8 @@ class JobControl:
                     f"rank {self.health.rank} was stopping ({request}) at training batch {self.started}, but rank(s) "
                     f"{behind} started no batch for {self.timeout_s:g} s (killed, hung, or stopped early)."
                 )
+            if self.while_waiting is not None:
+                self.while_waiting()
             time.sleep(0.01)
 
 

@@ -1,34 +1,29 @@
 """Asynchronous Leader SGD (Teng et al., NeurIPS 2019, Algorithm 1) as a Lightning strategy.
 
-Every worker trains its own replica at its own pace; there is no global barrier per round. A *leader board* on the
-job's store (:class:`~._board.StoreBoard`) holds the current leader: its rank, its score and a copy of its weights.
-After every ``tau``-th of its own optimizer steps, worker i with score s_i (mean of its last ``leader_window``
-training losses) runs one transaction under the board's lock::
+Every worker trains at its own pace; the job counts everybody's optimizer steps on its store. ``variant`` chooses
+when a round happens and who takes part:
 
-    read the board: leader l, score s_l
-    if i == l or s_i < s_l:   publish x_i as the leader's copy, the board now says (i, s_i)       [i leads]
-    else:                     read the leader's copy x_l; after the lock:  x_i <- x_i - pull_strength * (x_i - x_l)
+``"algorithm1"`` (default, the paper's Algorithm 1). A round fires each time the *total* number of optimizer steps of
+all P workers reaches a multiple of P·tau (fast workers contribute more steps between rounds). Every worker joins
+every round, at its next step boundary (or while it waits anywhere: at a meeting point, at the end of its data), so
+a fast worker waits for the others at most one of their steps. At a round the leader is elected over all workers'
+current scores (mean of the last ``leader_window`` training losses) and every other worker is pulled::
 
-The leader refreshes its copy (and score) at each of its rounds, even when its score got worse; it keeps the lead
-until another worker posts a strictly lower score. The pull is applied outside the optimizer (momentum never sees
-it); integer buffers are copied from the leader's copy.
+    x_i <- x_i - pull_strength * (x_i - x_l)          (a collective round, as in the synchronous ``lsgd``)
 
-Consistency: board transactions are serialized by the lock, so a worker reads one complete copy, exactly as some
-leader published it at the end of one of its rounds, and decides against the score published with it. The copy is
-stale by up to the leader's ``tau`` steps since its last round (the synchronous ``lsgd`` pulls toward the leader's
-weights of the same step). A copy is published only by a worker whose recent losses and weights are all finite, and
-the board starts with the (identical) initial weights, so the board never hands out a non-finite leader. A worker
-that diverges (non-finite loss or weights) resigns if it leads (its score becomes +inf; its last finite copy stays
-until someone better posts) and is reset to the leader's copy with fresh optimizer state.
+At round k the workers' step counts add up to k·P·tau, up to one step per worker (who joined a little later). A worker
+that has finished its steps keeps joining rounds until every worker has finished.
 
-Communicated per round: about 20 bytes of record plus one model copy (4·d bytes for float32; d counts parameters
-and buffers), uploaded by the leader or downloaded by the others, through the store served by the rank-0 process:
-4·d / tau bytes per step, like ``lsgd``, but with no worker waiting for another. See :mod:`._asynchronous` for where
-workers still meet (evaluation, checkpoints, Lightning's collectives, the end of training).
+``"board"`` (a variant of this package, not the paper's). After every ``tau``-th of its *own* steps a worker runs one
+transaction on a leader board on the job's store (:class:`~lsgd_lightning.core.board.StoreBoard`), under its lock: if
+it is the leader or its score beats the board's, it publishes its weights as the leader's copy, else it pulls toward
+that copy. Only the worker whose round it is moves, toward a copy up to the leader's ``tau`` steps old, and nobody
+ever waits for a round. The board only ever holds finite weights (a diverged leader resigns; a diverged worker is reset
+to the copy). Bytes: one model copy up or down per round through the store (rank 0's process).
 
-No multi-leader form: its point is to keep most traffic inside each node, but the board lives in one process
-(rank 0's store), so local leader boards would still send every copy to and from node 0. Use the synchronous
-``LSGDStrategy(group_size="node")`` for that.
+Both end with every worker holding the newest leader weights (``final_sync``): a last election over all workers'
+final scores, the winner's current weights to everyone. See :mod:`.asynchronous` for where workers meet (evaluation,
+checkpoints, Lightning's collectives, the end). No multi-leader form: use ``MultiLeaderLSGDStrategy`` for that.
 """
 
 from __future__ import annotations
@@ -37,26 +32,29 @@ import math
 from typing import Any, ClassVar
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from ..core.flat import to_master
 from ..core.rules import elect_leader, leader_pull, squared_distance
 from .asynchronous import AsynchronousStrategy
-from .checks import check_fraction
+from .checks import check_choice, check_fraction
 
+VARIANTS = ("algorithm1", "board")
 _NO_LEADER = -1  # the board's rank before any worker posted a finite score (the initial weights are the copy)
 
 
 class AsyncLSGDStrategy(AsynchronousStrategy):
-    """Asynchronous Leader SGD: each worker, every ``tau`` of its own steps, posts its score and pulls toward the
-    best worker on the leader board, without waiting for the others.
+    """Asynchronous Leader SGD: rounds triggered by the job's total step count, or (``variant="board"``) a leader
+    board each worker visits every ``tau`` of its own steps.
 
     Args:
-        tau: a worker's optimizer steps between its rounds (>= 1).
-        pull_strength: how far a worker moves toward the leader's copy per round, in [0, 1].
+        tau: rounds every P·tau steps of all workers together (``"board"``: every tau of a worker's own steps).
+        pull_strength: how far a worker moves toward the leader per round, in [0, 1].
         leader_window: how many recent training losses make a worker's score.
-        **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (evaluate the board's leader copy, or ``"local"``),
+        variant: ``"algorithm1"`` (the paper's) or ``"board"`` (this package's variant).
+        **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (evaluate the leader, or ``"local"``),
             ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and Lightning's process arguments.
 
     Registered as ``"lsgd_async"`` (subprocess launcher) and ``"lsgd_async_spawn"`` (spawn launcher).
@@ -67,11 +65,88 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
     _loss_window_arg: ClassVar[str] = "leader_window"
     _without_loss: ClassVar[str] = "this worker's score stays +inf (it cannot be elected)"
 
-    def __init__(self, tau: int = 16, pull_strength: float = 0.1, leader_window: int = 10, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        tau: int = 16,
+        pull_strength: float = 0.1,
+        leader_window: int = 10,
+        variant: str = "algorithm1",
+        **kwargs: Any,
+    ) -> None:
         check_fraction("pull_strength", pull_strength)
+        check_choice("variant", variant, VARIANTS)
         super().__init__(tau=tau, loss_window=leader_window, **kwargs)
         self.pull_strength = float(pull_strength)
-        self._resumed_leader: tuple[int, int, float] | None = None  # the board's record saved in the shard
+        self.variant = variant
+        self.rounds_joined = 0  # algorithm1: rounds this worker took part in (the job's round number)
+        self.round_history: list[dict[str, float]] = []  # algorithm1: per round, what this worker saw (tests, logs)
+        self._resumed_leader: tuple[int, int, float] | None = None  # board: the record saved in the shard
+
+    # ------------------------------------------------------------------------------------------------ algorithm 1
+    @override
+    def _prepare_board(self) -> None:
+        if self.variant == "algorithm1":  # the job's step count goes on from the steps every worker brings along
+            self.board.add("steps", self._steps)
+
+    @override
+    def _after_local_step(self) -> None:
+        if self.variant == "board":
+            return super()._after_local_step()
+        if self.world_size == 1:
+            return
+        job_steps = self.board.add("steps", 1)
+        assert self.lightning_module is not None
+        if self.lightning_module.automatic_optimization:
+            self._join_due_rounds(job_steps)
+        else:
+            self._pending_rounds = 1  # after training_step has returned its loss (see PeriodicStrategy)
+
+    @override
+    def _run_pending_rounds(self) -> None:
+        if self.variant == "board":
+            return super()._run_pending_rounds()
+        if self._pending_rounds:
+            self._pending_rounds = 0
+            self._join_due_rounds(self.board.add("steps", 0))
+
+    @override
+    def _while_waiting(self) -> None:
+        if self.variant == "algorithm1":
+            self._join_due_rounds(self.board.add("steps", 0), log=False)  # Lightning may allow no logging here
+
+    def _join_due_rounds(self, job_steps: int, log: bool = True) -> None:
+        """Join, in order, every round that has fired (one per P·tau steps of the job) and this worker has not
+        joined yet. Idempotent: a round joined while waiting is not joined again."""
+        for _ in range(job_steps // (self.world_size * self.tau) - self.rounds_joined):
+            self._run_round(self._global_round, log=log)
+
+    def _global_round(self) -> dict[str, float] | None:
+        """Algorithm 1's distributed step: every worker elects the leader over all current scores and moves."""
+        with self._guard.bypass():  # every worker takes part: no meeting first (it could start the next round)
+            return self._leader_round()
+
+    def _leader_round(self) -> dict[str, float] | None:
+        self.rounds_joined += 1
+        scores = self.collectives.all_gather(self.round_score().float().reshape(1))
+        if bool(torch.isnan(scores).all()):
+            self._raise_all_diverged()
+        leader = elect_leader(scores)
+        record = {"lsgd/round": float(self.rounds_joined), "lsgd/own_steps": float(self._steps)}
+        if leader is None:
+            rank_zero_warn(f"LSGD round {self.rounds_joined} skipped: no worker has a finite training loss.")
+            self.round_history.append(record)
+            return None
+        flats = [b.pack() if self.global_rank == leader else b.empty() for b in self.layout.buckets]
+        flats = [self.collectives.broadcast(flat, src=leader) for flat in flats]
+        metrics = {**record, "lsgd/leader": float(leader), "lsgd/leader_score": float(scores[leader])}
+        if bool(torch.isnan(scores[self.global_rank])):
+            self._reset_to(flats, "leader")
+        elif self.global_rank == leader:
+            metrics["lsgd/dist_to_leader"] = 0.0
+        else:
+            metrics["lsgd/dist_to_leader"] = self._pull_toward(self.layout.pack(), flats)
+        self.round_history.append(metrics)
+        return metrics
 
     # ------------------------------------------------------------------------------------------------ the board
     def read_leader(self) -> tuple[int, int, float]:
@@ -84,14 +159,18 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
 
     @override
     def _publish_initial(self, resumed_reference: list[Tensor] | None) -> None:
+        if self.variant == "algorithm1":
+            return  # the weights travel by collectives: the board only counts steps
         self.board.put("leader", resumed_reference if resumed_reference is not None else self.layout.pack())
         leader = self._resumed_leader if resumed_reference is not None else None
         version, rank, score = leader if leader is not None else (0, _NO_LEADER, math.inf)
         self._write_leader(version, rank, score)
 
-    # ------------------------------------------------------------------------------------------------ a round
     @override
-    def _communication_round(self) -> dict[str, float]:
+    def _communication_round(self) -> dict[str, float] | None:
+        return self._global_round() if self.variant == "algorithm1" else self._board_round()
+
+    def _board_round(self) -> dict[str, float]:
         score = float(self.round_score())  # NaN: this worker diverged; +inf: no finite loss yet
         diverged = math.isnan(score)
         own = self.layout.pack()
@@ -107,11 +186,8 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
                     version, leader_score = version + 1, math.inf  # resign; the last finite copy stays
                     self._write_leader(version, leader, leader_score)
                 leader_copy = self.board.get("leader", like=own)
-        metrics = {
-            "lsgd/leader": float(leader),
-            "lsgd/leader_score": leader_score,
-            "lsgd/board_version": float(version),
-        }
+        metrics = {"lsgd/leader": float(leader), "lsgd/leader_score": leader_score}
+        metrics["lsgd/board_version"] = float(version)
         if leader_copy is None:
             return {**metrics, "lsgd/dist_to_leader": 0.0}
         if diverged:
@@ -131,18 +207,18 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
                 bucket.unpack(theirs)
         return math.sqrt(float(squared))
 
+    # ------------------------------------------------------------------------------------------------ the end
     @override
     def _settle_board(self) -> None:
-        """A last, synchronous election once every worker has finished.
-
-        Without it the board may end on a slow worker: when the fast ones have finished it leads alone and keeps
-        refreshing its copy however much its score worsens. All workers all-gather their final scores; if the best
-        finite one is not the board's leader, that worker publishes its weights (no worker is pulled).
-        """
+        """Board variant, once every worker has finished: a last election over the final scores, and the winner
+        publishes its current weights (also when it leads already: its copy may be up to tau steps old), so that the
+        final sync hands every worker the newest leader weights. Nobody is pulled."""
+        if self.variant == "algorithm1":
+            return
         scores = self.collectives.all_gather(self.round_score().reshape(1).float())
         best = elect_leader(scores)
-        version, leader, _ = self.read_leader()
-        if best is not None and best != leader and best == self.global_rank:
+        version, _, _ = self.read_leader()
+        if best is not None and best == self.global_rank:
             with self.board.locked():
                 self.board.put("leader", self.layout.pack())
                 self._write_leader(version + 1, best, float(scores[best]))
@@ -150,19 +226,34 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
 
     @override
     def _reference_weights(self) -> list[Tensor]:
-        with self.board.locked():
-            return self.board.get("leader", like=self.layout.pack())
+        if self.variant == "board":
+            with self.board.locked():
+                return self.board.get("leader", like=self.layout.pack())
+        with self._guard.bypass():  # called where every worker is present (evaluation, checkpoint, the end)
+            leader = elect_leader(self.collectives.all_gather(self.round_score().float().reshape(1)))
+            if leader is None:
+                rank_zero_warn("No worker has a finite training loss; rank 0 stands in as the leader.")
+                leader = 0
+            flats = [b.pack() if self.global_rank == leader else b.empty() for b in self.layout.buckets]
+            return [self.collectives.broadcast(flat, src=leader) for flat in flats]
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     @override
     def _extra_state_dict(self) -> dict[str, Any]:
-        # Saved after the rendezvous, when the board is still: every shard holds the same record.
+        # Saved after the rendezvous, when nothing moves: every shard holds the same record and round count.
         if self._board is None:
             return {}
+        if self.variant == "algorithm1":
+            return {"rounds_joined": self.rounds_joined}
         version, rank, score = self.read_leader()
         return {"leader": (version, rank, score)}
 
     @override
     def _load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds_joined = int(state.get("rounds_joined", 0))
         leader = state.get("leader")
         self._resumed_leader = (int(leader[0]), int(leader[1]), float(leader[2])) if leader is not None else None
+
+    @override
+    def _on_fresh_start(self) -> None:
+        self.rounds_joined, self.round_history = 0, []

@@ -60,10 +60,13 @@ class PeriodicStrategy(ReplicaStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         output = super().training_step(*args, **kwargs)
         # Manual optimization stepped inside training_step, before the loss was returned: run the due rounds now.
+        self._run_pending_rounds()
+        return output
+
+    def _run_pending_rounds(self) -> None:
         while self._pending_rounds > 0:
             self._pending_rounds -= 1
             self._run_round(self._communication_round)
-        return output
 
     @override
     def setup(self, trainer: Any) -> None:
