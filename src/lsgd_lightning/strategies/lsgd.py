@@ -47,7 +47,7 @@ from ..core.collectives import payload_bytes
 from ..core.flat import to_master
 from ..core.rules import elect_leader, leader_pull, squared_distance
 from ..core.transfer import InFlightRound
-from .checks import check_bn_recalibration, check_chain_devices, check_leader_options, refuse_manual_recalibration
+from .checks import check_chain_devices, check_leader_options
 from .metrics import log_rank_local
 from .periodic import PeriodicStrategy
 
@@ -99,8 +99,7 @@ class LSGDStrategy(PeriodicStrategy):
     ) -> None:
         check_leader_options(tau, pull_strength, overlap_steps, leader_broadcast, kwargs)
         super().__init__(tau=tau, loss_window=leader_window, **kwargs)
-        check_bn_recalibration(bn_recalibration_batches, self.eval_on)
-        self.bn_recalibration_batches = bn_recalibration_batches
+        self._accept_bn_recalibration(bn_recalibration_batches)
         self.pull_strength = float(pull_strength)
         self.overlap_steps = overlap_steps
         self.leader_broadcast = leader_broadcast
@@ -123,8 +122,6 @@ class LSGDStrategy(PeriodicStrategy):
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        automatic = trainer.lightning_module.automatic_optimization
-        refuse_manual_recalibration(type(self).__name__, self.bn_recalibration_batches, automatic)
         super().setup(trainer)
         if self.overlap_steps > 0 and self._transfer_group is None and self.world_size > 1:
             # Every rank sets up the same Trainer runs, so all of them create this group together.
@@ -200,7 +197,7 @@ class LSGDStrategy(PeriodicStrategy):
     def _reference_weights(self) -> list[Tensor]:
         self.finish_transfer()  # evaluation, final sync and checkpoints see the round's traffic off the wire
         if self.eval_on == "average":
-            return self._average_weights(self.bn_recalibration_batches)
+            return self._average_weights()
         leader = elect_leader(self._gather_scores())
         if leader is None:
             rank_zero_warn("No worker has a finite training loss; rank 0 stands in as the leader.")
