@@ -219,9 +219,15 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
         after_fit = {k: v.detach().clone() for k, v in model.net.state_dict().items()}
         trainer.save_checkpoint(out / "average.ckpt")
         metrics = trainer.test(model, models.val_loader(world_size), verbose=False)[0]
-        main = torch.load(out / "average.ckpt", weights_only=True)["state_dict"] if rank == 0 else {}
+        main = torch.load(out / "average.ckpt", weights_only=True) if rank == 0 else {"state_dict": {}}
         after_test = {k: v.detach().clone() for k, v in model.net.state_dict().items()}
-        return {"after_fit": after_fit, "after_test": after_test, "test_loss": float(metrics["test_loss"]), "main": main}
+        return {
+            "after_fit": after_fit,
+            "after_test": after_test,
+            "test_loss": float(metrics["test_loss"]),
+            "main": main["state_dict"],
+            "main_holds": main.get("lsgd_lightning", {}).get("reference"),
+        }
     if name == "lsgd_multi_sequential":  # Algorithm 1's order (the default), validating the workers' average
         strategy = LSGDStrategy(**MULTI_SEQUENTIAL, eval_on="average", final_sync=False, timeout=TIMEOUT)
         return _fit(rank, world_size, strategy, val=True, val_check_interval=VAL_EVERY)

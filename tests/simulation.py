@@ -263,7 +263,9 @@ def recalibrated_average(
         for prefix, module in net.named_modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
 
-                def record(module: torch.nn.Module, inputs: tuple[Tensor], prefix: str = prefix) -> None:
+                def record(
+                    module: torch.nn.Module, inputs: tuple[Tensor], prefix: str = prefix, seen: dict = seen
+                ) -> None:
                     h = inputs[0].double().transpose(0, 1).reshape(inputs[0].shape[1], -1)  # channels x values
                     seen.setdefault(prefix, []).append((h.mean(1), h.var(1, unbiased=True)))
 

@@ -116,6 +116,7 @@ def test_the_checkpoint_and_test_after_fit_hold_the_average_and_every_rank_keeps
     average = sim.average_state(workers, 0)
     main = {key.removeprefix("net."): value for key, value in got[0]["main"].items()}
     assert_states_close(main, average, "the checkpoint's main file")
+    assert got[0]["main_holds"] == "average"  # what a resume with another number of workers says it starts from
     expected = sim.val_loss_of(models.Net(), average, WORLD)
     for rank, result in enumerate(got):
         assert result["test_loss"] == pytest.approx(expected, rel=1e-5)

@@ -149,10 +149,11 @@ def test_eval_on_average_evaluates_and_final_syncs_exactly_the_mean_of_every_wor
         assert any(not torch.equal(seen[0]["own"][n], seen[1]["own"][n]) for n in mean), "the workers must differ"
         for rank, s in enumerate(seen):
             for name, value in mean.items():
-                torch.testing.assert_close(s["evaluated"][name], value, rtol=1e-6, atol=1e-7, msg=f"{k}: {name}")
+                msg = f"validation {k}, rank {rank}: {name}"
+                torch.testing.assert_close(s["evaluated"][name], value, rtol=1e-6, atol=1e-7, msg=msg)
         state = {name.removeprefix("net."): value for name, value in seen[0]["evaluated"].items()}
-        for rank, result in enumerate(got):
-            assert result["val"][k] == pytest.approx(sim.val_loss_of(models.Net(), state, WORLD), rel=1e-5)
+        expected = sim.val_loss_of(models.Net(), state, WORLD)
+        assert [result["val"][k] for result in got] == pytest.approx([expected] * WORLD, rel=1e-5)
     workers, _ = asim.replay_algorithm1(rounds, ALGORITHM1, WORLD, STEPS)
     average = sim.average_state(workers, 0)
     for rank, result in enumerate(got):

@@ -83,7 +83,9 @@ def test_multi_leader_defaults_and_group_size_must_divide_the_workers() -> None:
 
 
 @pytest.mark.parametrize(("local", "global_"), [(0.75, 0.75), (0.5, 0.6), (1.0, 0.1)])
-def test_simultaneous_multi_leader_pulls_that_overshoot_are_refused_at_construction(local: float, global_: float) -> None:
+def test_simultaneous_multi_leader_pulls_that_overshoot_are_refused_at_construction(
+    local: float, global_: float
+) -> None:
     """local_pull_strength + pull_strength > 1: eq. 2 moves a worker beyond both leaders (see test_rules)."""
     with pytest.raises(ValueError, match=r"pull_order='simultaneous'.*local_pull_strength \+ pull_strength <= 1"):
         LSGDStrategy(group_size=2, local_pull_strength=local, pull_strength=global_, pull_order="simultaneous")

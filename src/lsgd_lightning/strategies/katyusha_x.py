@@ -63,8 +63,7 @@ from ..core.rules import katyusha_momentum
 from ..optim import check_epoch_length, check_tau
 from .dataparallel import DataParallelStrategy
 from .metrics import log_rank_local
-from .recalibration import buffers_kept as _buffers_kept
-from .recalibration import logging_muted as _logging_muted
+from .recalibration import buffers_kept, logging_muted
 
 STATE_KEY = "katyusha_x"
 
@@ -254,8 +253,8 @@ class KatyushaXStrategy(DataParallelStrategy):
         devices = [self.root_device.index or 0] if self.root_device.type == "cuda" else []
         with (
             _parameters_set_to(self._params, weights),
-            _buffers_kept(module),
-            _logging_muted(module),
+            buffers_kept(module),
+            logging_muted(module),
             torch.random.fork_rng(devices=devices),
             torch.enable_grad(),
             self.precision_plugin.train_step_context(),

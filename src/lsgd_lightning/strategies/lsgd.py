@@ -26,7 +26,10 @@ flight when ``fit`` ends is applied then, before the final sync. The chain canno
 point-to-point operations report no completion before they are waited for), so overlapped rounds use the tree.
 
 ``eval_on="average"`` evaluates, checkpoints (main file) and final-syncs the workers' average, what every LSGD figure
-of the paper reports, optionally with re-estimated BatchNorm statistics (:mod:`.recalibration`).
+of the paper reports: parameters and floating-point buffers all-reduced (4·d bytes per worker per evaluation,
+checkpoint and final sync; the rounds are unchanged), optionally with BatchNorm statistics re-estimated on
+``bn_recalibration_batches`` training batches of every worker (:mod:`.recalibration`). The authors' code evaluates
+each group's average when workers form groups; the multi-leader strategy evaluates the mean of all P workers.
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
         bn_recalibration_batches: with ``eval_on="average"``, re-estimate the average's BatchNorm statistics on
             this many of each rank's training batches before it is evaluated, saved or final-synced (0: off).
         **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (``"leader"``; ``"average"``: all workers' mean
-            weights, ``"algorithm1"`` only; or ``"local"``), ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and Lightning's process arguments.
+            weights, ``"algorithm1"`` only; or ``"local"``), ``final_sync``, ``bucket_cap_mb``, ``timeout``,
+            ``start_method`` and Lightning's process arguments.
 
     Registered as ``"lsgd_async"`` (subprocess launcher) and ``"lsgd_async_spawn"`` (spawn launcher).
     """

@@ -10,10 +10,12 @@ elects its *local leader* and, when t % tau == 0, all workers elect the *global 
     both, pull_order="simultaneous":       x_i <- x_i - λ_L (x_i - x_local(i)) - λ_G (x_i - x_global)
 
 (:func:`~lsgd_lightning.core.rules.sequential_multi_leader_pull`, :func:`~lsgd_lightning.core.rules.multi_leader_pull`).
-The default is ``"sequential"``: it is Algorithm 1 of the paper and what the authors' code ran for every multi-leader
-result, and it is a convex combination of the worker and its two leaders for any strengths in [0, 1]. The
-simultaneous form (the poster's eq. 2, a gradient step on the penalized objective) agrees with it to first order in
-the strengths, and overshoots both leaders when λ_L + λ_G > 1, which is refused.
+The default is ``"sequential"`` because it is what the paper's Algorithm 1 and the authors' code do (the local pull,
+then the global pull applied to its result), so it is the rule behind the paper's multi-leader results; it is also a
+convex combination of the worker and its two leaders, weights (1-λ_G)(1-λ_L), (1-λ_G)λ_L and λ_G, for any strengths
+in [0, 1]. The simultaneous form (the poster's eq. 2, one gradient step on the penalized objective) agrees with it to
+first order in the strengths (they differ by λ_L λ_G (x_i - x_local(i))) and overshoots both leaders when
+λ_L + λ_G > 1, which is refused when the strategy is constructed.
 
 The global leader is the lowest score anywhere, hence also its group's local leader, so it does not move (in either
 order); the ``*/dist_to_*`` metrics are distances from the weights before the round. Traffic:
@@ -60,7 +62,9 @@ class MultiLeaderLSGDStrategy(LSGDStrategy):
         pull_order: on rounds with both pulls, ``"sequential"`` (default: the local pull, then the global pull on
             its result, as Algorithm 1 and the authors' code) or ``"simultaneous"`` (both from the weights before
             the round, the poster's eq. 2; needs ``local_pull_strength + pull_strength <= 1``).
-        **kwargs: :class:`~.lsgd.LSGDStrategy`'s ``tau``, ``pull_strength``, ``leader_window`` and the rest.
+        **kwargs: :class:`~.lsgd.LSGDStrategy`'s ``tau``, ``pull_strength``, ``leader_window``, ``eval_on``
+            (``"leader"``: the global leader; ``"average"``: the mean of all P workers, what the paper reports),
+            ``bn_recalibration_batches`` and the rest.
 
     ``overlap_steps`` and ``leader_broadcast='chain'`` are single-leader options and are refused. Registered as
     ``"lsgd_multi"`` and ``"lsgd_multi_spawn"`` with ``group_size="node"``; ``LSGDStrategy(group_size=...)`` builds one.
