@@ -140,6 +140,16 @@ def lsgd_round(workers: list[Worker], pull: float, window: int) -> dict[str, flo
     return {"leader": leader, "leader_score": scores[leader], "distances": distances}
 
 
+def local_leaders(scores: list[float], groups: list[list[int]]) -> dict[int, int | None]:
+    """Each rank's group leader: the lowest finite score in its group (ties: lowest rank), None if there is none."""
+    local: dict[int, int | None] = {}
+    for group in groups:
+        finite = [(scores[r], r) for r in group if math.isfinite(scores[r])]
+        for r in group:
+            local[r] = min(finite)[1] if finite else None
+    return local
+
+
 @torch.no_grad()
 def multi_leader_round(
     workers: list[Worker], groups: list[list[int]], local_pull: float, global_pull: float, window: int, both: bool
@@ -148,11 +158,7 @@ def multi_leader_round(
     x <- x - local_pull (x - x_local_leader) [- global_pull (x - x_global_leader) when both rounds are due]."""
     _, scores = elect(workers, window)
     diverged = [math.isnan(s) for s in scores]
-    local = {}
-    for group in groups:
-        finite = [(scores[r], r) for r in group if math.isfinite(scores[r])]
-        for r in group:
-            local[r] = min(finite)[1] if finite else None
+    local = local_leaders(scores, groups)
     global_leader = elect(workers, window)[0] if both else None
     before = [{k: v.clone() for k, v in w.net.state_dict().items()} for w in workers]
     for rank, worker in enumerate(workers):
@@ -304,11 +310,7 @@ def sequential_multi_leader_round(
     the global (else local) leader. Also returns each worker's distances to its leaders before the round. (No
     divergence handling: every worker has a finite score, as in the scenario it replays.)"""
     _, scores = elect(workers, window)
-    local = {}
-    for group in groups:
-        finite = [(scores[r], r) for r in group if math.isfinite(scores[r])]
-        for r in group:
-            local[r] = min(finite)[1] if finite else None
+    local = local_leaders(scores, groups)
     global_leader = elect(workers, window)[0] if both else None
     before = [{k: v.clone() for k, v in w.net.state_dict().items()} for w in workers]
     to_local, to_global = [], []

@@ -111,19 +111,17 @@ def reestimate(
             norm.momentum = momentum
 
 
-def fresh_training_loader(trainer: pl.Trainer) -> DataLoader | None:
+def fresh_training_loader(trainer: pl.Trainer, user: str = "bn_recalibration_batches") -> DataLoader | None:
     """A new loader over the training DataLoader's dataset and (sharded) batch sampler, or ``None`` without one.
 
     New, so the fit loop's own iterator (persistent workers included) is never touched; its batches are those of
-    the sampler's current epoch.
+    the sampler's current epoch. ``user`` names who needs it in the error for anything but one DataLoader.
     """
     loader = trainer.train_dataloader
     if loader is None:
         return None
     if not isinstance(loader, DataLoader):
-        raise ValueError(
-            f"bn_recalibration_batches needs one training DataLoader (it reads this rank's shard); got {type(loader)}."
-        )
+        raise ValueError(f"{user} needs one training DataLoader (it reads this rank's shard); got {type(loader)}.")
     common = {
         "num_workers": loader.num_workers,
         "collate_fn": loader.collate_fn,
