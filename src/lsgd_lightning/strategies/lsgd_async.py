@@ -93,6 +93,12 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
                 "leader copy (a resume restarts the board from it), which is not the workers' average. Use "
                 "eval_on='leader' or 'local' with variant='board'."
             )
+        multi = sorted({"group_size", "local_tau", "local_pull_strength", "pull_order"} & kwargs.keys())
+        if multi:
+            raise ValueError(
+                f"lsgd_async does not take {', '.join(multi)}: it runs Algorithm 1 with one group of workers; the "
+                "multi-leader asynchronous form is not implemented. Use 'lsgd_multi' (synchronous) for local leaders."
+            )
         super().__init__(tau=tau, loss_window=leader_window, **kwargs)
         self._accept_bn_recalibration(bn_recalibration_batches)
         self.pull_strength = float(pull_strength)
