@@ -15,11 +15,12 @@ per preset below and ``data=imagefolder``, since the JPEG folders are what this 
 datamodule, model and strategy with the app's builders, so the numbers belong to the presets users run. Each run is a
 multi-process job of its own (processes launched like ``torchrun``), one after another:
 
-- every ``--val-every`` optimizer steps (full-size presets: every epoch) the strategy's evaluation model (LSGD: the
-  leader, EASGD: the centre variable, DataParallel and SGD: the model, D-PSGD, D² and AD-PSGD: the workers' average,
-  Signum: the common parameters with the workers' averaged buffers) is evaluated on the test split, and rank 0
-  records (training time, step, test error). Training time is wall time since ``fit`` started minus the time spent
-  evaluating; steps are optimizer steps per worker;
+- every ``--val-every`` optimizer steps (full-size presets: every epoch) the strategy's evaluation model is evaluated
+  on the test split (LSGD: the workers' average with BatchNorm statistics re-estimated on 20 training batches per
+  worker, what every LSGD figure of the paper reports, ``lsgd:strategy.eval_on=leader`` for the leader; EASGD: the
+  centre variable; DataParallel and SGD: the model; D-PSGD, D² and AD-PSGD: the workers' average; Signum: the common
+  parameters with the workers' averaged buffers), and rank 0 records (training time, step, test error). Training
+  time is wall time since ``fit`` started minus the time spent evaluating; steps are optimizer steps per worker;
 - at every LSGD round rank 0 records the elected leader (``strategy.round_metrics["lsgd/leader"]``, the value LSGD
   logs as ``lsgd/leader``);
 - a run stops at the first evaluation after ``--budget`` seconds of training time (all ranks decide together), or at
@@ -29,10 +30,10 @@ multi-process job of its own (processes launched like ``torchrun``), one after a
 
 Strategies: ``lsgd``, ``easgd``, ``dataparallel`` and ``sgd`` by default; ``dpsgd``, ``d2``, ``adpsgd`` and ``signum``
 on request (``--strategies``, ``all`` for every one), with their app configs (D-PSGD: ring; D²: lazy ring; AD-PSGD:
-ring). Where a strategy refuses the presets' Nesterov SGD, its runs get the changes in ``STRATEGY_OVERRIDES`` (D²:
-momentum 0; Signum: no Nesterov and lr 1e-3), before the user's overrides, which win. An override prefixed with a
-strategy's name and a colon applies to that strategy's runs only, e.g. ``lsgd:strategy.tau=4`` (the other strategies'
-configs have no ``tau``).
+ring). The changes in ``STRATEGY_OVERRIDES`` come before the user's overrides, which win: LSGD evaluates the
+workers' average (see above); a strategy that refuses the presets' Nesterov SGD gets another optimizer (D²: momentum
+0; Signum: no Nesterov and lr 1e-3). An override prefixed with a strategy's name and a colon applies to that
+strategy's runs only, e.g. ``lsgd:strategy.tau=4`` (the other strategies' configs have no ``tau``).
 
 Writes to ``--out``: ``reproduce_curves.csv`` (every evaluation), ``reproduce_runs.csv`` (steps and payload of each
 run), ``reproduce_leaders.csv`` (the leader at each LSGD round) and ``meta.json`` (how it was run), then from those

@@ -11,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
+import torch
+
 from lsgd_lightning import AsyncLSGDStrategy
 from tests import models
 from tests.async_scenarios import Straggler, _checkpointer
@@ -20,6 +23,22 @@ ALGORITHM1 = {"tau": 3, "pull_strength": 0.3, "leader_window": 2}  # rounds ever
 STEPS = 15  # 5 rounds; the last one fires at the later worker's last step, the other one has finished and waits
 SLOW_S = 0.25
 RESUME_EPOCHS = 2
+
+
+class EvaluatedProbe(pl.Callback):
+    """At each validation's first batch (the evaluated weights swapped in): the module's weights and this rank's own
+    (the strategy keeps them aside while it evaluates), by parameter name."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, dict[str, torch.Tensor]]] = []
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        if args[1] != 0 or trainer.sanity_checking:  # batch_idx
+            return
+        strategy = trainer.strategy
+        evaluated = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        own = strategy.layout.named_tensors(strategy._stashed_own)  # type: ignore[attr-defined]
+        self.seen.append({"evaluated": evaluated, "own": {k: v.detach().clone() for k, v in own.items()}})
 
 
 def make(**overrides: Any) -> AsyncLSGDStrategy:
@@ -42,6 +61,11 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
         strategy = make(final_sync=True)
         result = _run(rank, world_size, strategy, val=True, val_check_interval=3)
         return {**result, "reference_after_fit": strategy.layout.named_tensors(strategy._reference_weights())}
+    if name == "algorithm1_eval_average":  # eval_on="average": validation and final sync on the workers' mean
+        probe = EvaluatedProbe()
+        strategy = make(final_sync=True, eval_on="average")
+        result = _run(rank, world_size, strategy, val=True, val_check_interval=3, extra_callbacks=[probe])
+        return {**result, "probe": probe.seen}
     if name == "algorithm1_diverge":  # rank 1's weights turn NaN before its step 4
         return _run(rank, world_size, make(), make_model=lambda: models.DivergingRegressor(rank=1, step=4))
     if name == "algorithm1_manual":  # manual optimization: the rounds run after training_step returned its loss

@@ -86,6 +86,25 @@ class NesterovRegressor(Regressor):
         return make_optimizer(self.parameters(), nesterov=True)
 
 
+class BatchNormNet(nn.Module):
+    """A hidden layer with BatchNorm (running statistics: floating-point buffers, plus an integer counter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(IN, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
+
+    def loss(self, x: Tensor, y: Tensor, train: bool) -> Tensor:
+        return nn.functional.mse_loss(self.body(x), y)
+
+
+class BatchNormRegressor(Regressor):
+    """:class:`Regressor` with :class:`BatchNormNet` (what the BatchNorm re-estimation of the average needs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = BatchNormNet()
+
+
 class ManualRegressor(Regressor):
     """The same math in manual optimization; ``report_nan_on`` ranks return NaN as their loss (training is fine)."""
 

@@ -35,7 +35,10 @@ MULTI = {
     "group_size": 2,
     "local_tau": 2,
     "local_pull_strength": 0.2,
+    "pull_order": "simultaneous",  # what simulation.multi_leader_round replays (the default is "sequential")
 }
+MULTI_SEQUENTIAL = {k: v for k, v in MULTI.items() if k != "pull_order"}  # the default order: Algorithm 1's
+BN_BATCHES = 2  # bn_recalibration_batches of the BatchNorm scenario
 STEPS = 14  # crosses epoch boundaries (6 batches per epoch with 4 workers) and ends mid-epoch
 VAL_EVERY = 3
 
@@ -202,6 +205,34 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
         metrics = trainer.test(model, models.val_loader(world_size), verbose=False)[0]
         after_test = {k: v.detach().clone() for k, v in model.net.state_dict().items()}
         return {"after_fit": after_fit, "after_test": after_test, "test_loss": float(metrics["test_loss"])}
+    if name == "lsgd_eval_average":  # validation and the final sync on the workers' average
+        return _fit(rank, world_size, _lsgd(eval_on="average", final_sync=True), val=True, val_check_interval=VAL_EVERY)
+    if name == "lsgd_eval_average_bn":  # the same on a BatchNorm model, its statistics re-estimated
+        strategy = _lsgd(eval_on="average", bn_recalibration_batches=BN_BATCHES, final_sync=True)
+        return _fit(
+            rank, world_size, strategy, make_model=models.BatchNormRegressor, val=True, val_check_interval=VAL_EVERY
+        )
+    if name == "lsgd_average_save_test":
+        # final_sync=False: the checkpoint's main file and trainer.test hold the average, every rank keeps its own
+        pl.seed_everything(SEED, verbose=False)
+        model = models.Regressor()
+        trainer = _trainer(world_size, _lsgd(eval_on="average"), Recorder(), max_steps=STEPS)
+        trainer.fit(model, models.train_loader(world_size))
+        after_fit = {k: v.detach().clone() for k, v in model.net.state_dict().items()}
+        trainer.save_checkpoint(out / "average.ckpt")
+        metrics = trainer.test(model, models.val_loader(world_size), verbose=False)[0]
+        main = torch.load(out / "average.ckpt", weights_only=True) if rank == 0 else {"state_dict": {}}
+        after_test = {k: v.detach().clone() for k, v in model.net.state_dict().items()}
+        return {
+            "after_fit": after_fit,
+            "after_test": after_test,
+            "test_loss": float(metrics["test_loss"]),
+            "main": main["state_dict"],
+            "main_holds": main.get("lsgd_lightning", {}).get("reference"),
+        }
+    if name == "lsgd_multi_sequential":  # Algorithm 1's order (the default), validating the workers' average
+        strategy = LSGDStrategy(**MULTI_SEQUENTIAL, eval_on="average", final_sync=False, timeout=TIMEOUT)
+        return _fit(rank, world_size, strategy, val=True, val_check_interval=VAL_EVERY)
     if name == "uneven_iterable":
         loader = DataLoader(models.UnevenIterable(), batch_size=models.BATCH)
         trainer = _trainer(world_size, _lsgd(), Recorder(), max_steps=20)

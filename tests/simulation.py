@@ -8,7 +8,9 @@ weights. The rules are written out from the papers (see each function), not from
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,6 +35,13 @@ def shard_indices(rank: int, world_size: int, epoch: int) -> list[int]:
     return order[rank::world_size]
 
 
+def shard_batch(rank: int, world_size: int, epoch: int, index: int) -> tuple[Tensor, Tensor]:
+    """Batch ``index`` of rank ``rank``'s training shard in epoch ``epoch`` (what its sampler yields then)."""
+    shard = shard_indices(rank, world_size, epoch)[index * models.BATCH : (index + 1) * models.BATCH]
+    x, y = models.dataset(models.N_TRAIN, 0, world_size)
+    return x[shard], y[shard]
+
+
 @dataclass
 class Worker:
     net: models.Net
@@ -46,10 +55,8 @@ class Worker:
     def next_batch(self) -> tuple[Tensor, Tensor]:
         per_epoch = models.N_TRAIN // self.world_size // models.BATCH
         epoch, index = divmod(self.cursor, per_epoch)
-        shard = shard_indices(self.rank, self.world_size, epoch)[index * models.BATCH : (index + 1) * models.BATCH]
         self.cursor += 1
-        x, y = models.dataset(models.N_TRAIN, 0, self.world_size)
-        return x[shard], y[shard]
+        return shard_batch(self.rank, self.world_size, epoch, index)
 
     def score(self, window: int) -> float:
         """Mean of the last ``window`` reported losses; +inf if none or not finite."""
@@ -199,6 +206,16 @@ def lsgd_round(workers: list[Worker], pull: float, window: int) -> dict[str, flo
     return {"leader": leader, "leader_score": scores[leader], "distances": distances}
 
 
+def local_leaders(scores: list[float], groups: list[list[int]]) -> dict[int, int | None]:
+    """Each rank's group leader: the lowest finite score in its group (ties: lowest rank), None if there is none."""
+    local: dict[int, int | None] = {}
+    for group in groups:
+        finite = [(scores[r], r) for r in group if math.isfinite(scores[r])]
+        for r in group:
+            local[r] = min(finite)[1] if finite else None
+    return local
+
+
 @torch.no_grad()
 def multi_leader_round(
     workers: list[Worker], groups: list[list[int]], local_pull: float, global_pull: float, window: int, both: bool
@@ -207,11 +224,7 @@ def multi_leader_round(
     x <- x - local_pull (x - x_local_leader) [- global_pull (x - x_global_leader) when both rounds are due]."""
     _, scores = elect(workers, window)
     diverged = [math.isnan(s) for s in scores]
-    local = {}
-    for group in groups:
-        finite = [(scores[r], r) for r in group if math.isfinite(scores[r])]
-        for r in group:
-            local[r] = min(finite)[1] if finite else None
+    local = local_leaders(scores, groups)
     global_leader = elect(workers, window)[0] if both else None
     before = [{k: v.clone() for k, v in w.net.state_dict().items()} for w in workers]
     for rank, worker in enumerate(workers):
@@ -268,3 +281,120 @@ def val_loss(net_state: dict[str, Tensor], world_size: int, shard_of: int | None
 
 def states(workers: list[Worker]) -> list[dict[str, Tensor]]:
     return [{k: v.clone() for k, v in w.net.state_dict().items()} for w in workers]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The LSGD paper's evaluation (the workers' average, BatchNorm re-estimated) and Algorithm 1's multi-leader order
+# ------------------------------------------------------------------------------------------------------------------
+def make_workers_of(make_module: Callable[[], Any], world_size: int) -> list[Worker]:
+    """Workers of another model: ``make_module()`` (a LightningModule with ``.net``) built after seeding with SEED
+    gives rank 0's initial weights, as in the scenarios."""
+    torch.manual_seed(SEED)
+    init = make_module().net.state_dict()
+    workers = []
+    for rank in range(world_size):
+        net = make_module().net
+        net.load_state_dict(init)
+        workers.append(Worker(net, models.make_optimizer(net.parameters()), rank, world_size))
+    return workers
+
+
+@torch.no_grad()
+def average_state(workers: list[Worker], rank: int) -> dict[str, Tensor]:
+    """What rank ``rank`` evaluates as the workers' average: every floating-point entry is the mean over the workers,
+    integer entries (counters) are the rank's own."""
+    mine = workers[rank].net.state_dict()
+    out = {}
+    for key, value in mine.items():
+        if value.is_floating_point():
+            out[key] = sum(w.net.state_dict()[key].double() for w in workers).div(len(workers)).to(value.dtype)
+        else:
+            out[key] = value.clone()
+    return out
+
+
+@torch.no_grad()
+def recalibrated_average(
+    workers: list[Worker], make_net: Callable[[], torch.nn.Module], batches: int, epoch: int, rank: int
+) -> dict[str, Tensor]:
+    """The average (as rank ``rank`` holds it) with BatchNorm statistics re-estimated the paper's way, made exact:
+
+    every rank r runs its first ``batches`` training batches of ``epoch`` through the average in train mode (each
+    BatchNorm normalizes with the batch's own statistics, as in training); each BatchNorm's new running mean is the
+    plain mean, over those batches, of its input's per-channel batch mean, and its running variance the mean of the
+    per-channel unbiased batch variances (computed here from the inputs, not by BatchNorm). The ranks' estimates are
+    then averaged. Nothing else changes: the other buffers (the counters) are the average's.
+    """
+    average = average_state(workers, rank)
+    estimates: list[dict[str, Tensor]] = []
+    for r in range(len(workers)):
+        net = make_net()
+        net.load_state_dict(average)
+        net.train()
+        seen: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        hooks = []
+        for prefix, module in net.named_modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+
+                def record(
+                    module: torch.nn.Module, inputs: tuple[Tensor], prefix: str = prefix, seen: dict = seen
+                ) -> None:
+                    h = inputs[0].double().transpose(0, 1).reshape(inputs[0].shape[1], -1)  # channels x values
+                    seen.setdefault(prefix, []).append((h.mean(1), h.var(1, unbiased=True)))
+
+                hooks.append(module.register_forward_pre_hook(record))
+        for index in range(batches):
+            net.loss(*shard_batch(r, len(workers), epoch, index), train=True)
+        for hook in hooks:
+            hook.remove()
+        estimate = {}
+        for prefix, stats in seen.items():
+            estimate[f"{prefix}.running_mean"] = torch.stack([m for m, _ in stats]).mean(0)
+            estimate[f"{prefix}.running_var"] = torch.stack([v for _, v in stats]).mean(0)
+        estimates.append(estimate)
+    out = dict(average)
+    for key in estimates[0]:
+        out[key] = sum(e[key] for e in estimates).div(len(estimates)).to(average[key].dtype)
+    return out
+
+
+@torch.no_grad()
+def val_loss_of(net: torch.nn.Module, state: dict[str, Tensor], world_size: int) -> float:
+    """MSE of ``state`` loaded into ``net`` (eval mode) on the whole validation set."""
+    x, y = models.dataset(models.N_VAL, 1, world_size)
+    net.load_state_dict(state)
+    net.eval()
+    return float(net.loss(x, y, train=False))
+
+
+@torch.no_grad()
+def sequential_multi_leader_round(
+    workers: list[Worker], groups: list[list[int]], local_pull: float, global_pull: float, window: int, both: bool
+) -> dict[str, Any]:
+    """Multi-leader LSGD as Algorithm 1 of the paper orders it: each worker first moves toward its local leader,
+    x' = x - local_pull (x - x_local); on global rounds it then moves from there toward the global leader,
+    x'' = x' - global_pull (x' - x_global); leaders' weights from before the round. Integer buffers are copied from
+    the global (else local) leader. Also returns each worker's distances to its leaders before the round. (No
+    divergence handling: every worker has a finite score, as in the scenario it replays.)"""
+    _, scores = elect(workers, window)
+    local = local_leaders(scores, groups)
+    global_leader = elect(workers, window)[0] if both else None
+    before = [{k: v.clone() for k, v in w.net.state_dict().items()} for w in workers]
+    to_local, to_global = [], []
+    for rank, worker in enumerate(workers):
+        state = worker.net.state_dict()
+        floats = [k for k, v in state.items() if v.is_floating_point()]
+        mine, lead, top = before[rank], before[local[rank]], before[global_leader] if both else None
+        to_local.append(math.sqrt(sum(float((mine[k] - lead[k]).double().square().sum()) for k in floats)))
+        to_global.append(
+            math.sqrt(sum(float((mine[k] - top[k]).double().square().sum()) for k in floats)) if top else math.nan
+        )
+        for key, value in state.items():
+            if key not in floats:
+                value.copy_((top or lead)[key])
+                continue
+            x = mine[key] - local_pull * (mine[key] - lead[key])
+            if top is not None:
+                x = x - global_pull * (x - top[key])
+            value.copy_(x)
+    return {"local": local, "global": global_leader, "to_local": to_local, "to_global": to_global}

@@ -162,6 +162,22 @@ def test_strategy_configs_instantiate_with_a_timedelta_timeout(option: str) -> N
     assert strategy._timeout == timedelta(seconds=60) and strategy._start_method == "spawn"
     if option == "lsgd_multi":
         assert (strategy.group_size, strategy.tau, strategy.local_tau) == ("node", 64, 16)
+        assert strategy.pull_order == "sequential"  # Algorithm 1's order
+    if option.startswith("lsgd"):
+        assert (strategy.eval_on, strategy.bn_recalibration_batches) == ("leader", 0)
+
+
+@pytest.mark.parametrize("option", ["lsgd", "lsgd_multi", "lsgd_async"])
+def test_lsgd_configs_evaluate_the_paper_s_average_on_request(option: str) -> None:
+    cfg = load(f"strategy={option}", "strategy.eval_on=average", "strategy.bn_recalibration_batches=20")
+    strategy = build_strategy(cfg)
+    assert (strategy.eval_on, strategy.bn_recalibration_batches) == ("average", 20)
+
+
+def test_lsgd_multi_config_refuses_overshooting_simultaneous_pulls() -> None:
+    overrides = ["strategy.pull_order=simultaneous", "strategy.pull_strength=0.6", "strategy.local_pull_strength=0.6"]
+    with pytest.raises(ConfigError, match=r"pull_order='simultaneous' needs local_pull_strength \+ pull_strength"):
+        build_strategy(load("strategy=lsgd_multi", *overrides))
 
 
 @pytest.mark.parametrize("data", ["mnist5k", "cifar10"])

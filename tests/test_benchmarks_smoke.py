@@ -99,6 +99,8 @@ def test_reproduce_records_curves_and_leaders(tmp_path: Path) -> None:
     # D² and Signum refuse the preset's Nesterov SGD: the script changed their optimizer, and the report says so
     assert "- d2 runs with `optim.momentum=0 optim.nesterov=false`" in text
     assert "- signum runs with `optim.nesterov=false optim.lr=1e-3`" in text
+    # LSGD is evaluated as the paper evaluates it: the workers' average (BatchNorm statistics re-estimated)
+    assert "- lsgd runs with `strategy.eval_on=average strategy.bn_recalibration_batches=20`" in text
     curves = (out / "reproduce_curves.csv").read_text().splitlines()
     assert len(curves) == 1 + 4 * 2  # an evaluation every 2 of 4 steps, for each run
     assert (out / "reproduce_error.png").stat().st_size > 0

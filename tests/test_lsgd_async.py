@@ -15,13 +15,22 @@ import torch
 
 from lsgd_lightning import AsyncLSGDStrategy
 from tests import async_simulation as asim
+from tests import models
+from tests import simulation as sim
 from tests.lsgd_async_scenarios import ALGORITHM1, RESUME_EPOCHS, STEPS, run_lsgd_async_scenarios
 from tests.multiproc import rank_results, scenario_job
 from tests.test_distributed import assert_states_close
 
 WORLD = 2
 PERIOD = WORLD * ALGORITHM1["tau"]  # steps of the job between rounds
-SCENARIOS = ["algorithm1", "algorithm1_final_sync", "algorithm1_diverge", "algorithm1_manual", "algorithm1_resume"]
+SCENARIOS = [
+    "algorithm1",
+    "algorithm1_final_sync",
+    "algorithm1_eval_average",
+    "algorithm1_diverge",
+    "algorithm1_manual",
+    "algorithm1_resume",
+]
 STEPS_PER_EPOCH = 12  # 96 samples, batch 4, 2 workers
 
 
@@ -114,6 +123,37 @@ def test_evaluation_and_final_sync_use_the_newest_leader(job: Path) -> None:
         assert_states_close(result["state"], workers[rank].net.state_dict(), f"rank {rank}")
         for key, value in result["reference_after_fit"].items():
             assert torch.equal(value, got[0]["reference_after_fit"][key]), key
+
+
+def test_eval_on_average_evaluates_and_final_syncs_exactly_the_mean_of_every_workers_current_weights(
+    job: Path,
+) -> None:
+    """Validation meets every 3 steps: what every rank evaluates is the mean of both workers' weights at that
+    meeting (floating-point buffers included), its loss the loss of that mean; the final sync hands everyone the
+    mean of the replayed workers' final weights."""
+    got = results(job, "algorithm1_eval_average")
+    rounds = asim.algorithm1_rounds(got)
+    check_round_schedule(rounds)
+    probes = [result["probe"] for result in got]
+    assert len(probes[0]) == len(probes[1]) == STEPS // 3
+    for k, seen in enumerate(zip(*probes)):
+        mean = {
+            name: (sum(s["own"][name].double() for s in seen) / WORLD).float()
+            for name, value in seen[0]["own"].items()
+            if value.is_floating_point()
+        }
+        assert any(not torch.equal(seen[0]["own"][n], seen[1]["own"][n]) for n in mean), "the workers must differ"
+        for rank, s in enumerate(seen):
+            for name, value in mean.items():
+                msg = f"validation {k}, rank {rank}: {name}"
+                torch.testing.assert_close(s["evaluated"][name], value, rtol=1e-6, atol=1e-7, msg=msg)
+        state = {name.removeprefix("net."): value for name, value in seen[0]["evaluated"].items()}
+        expected = sim.val_loss_of(models.Net(), state, WORLD)
+        assert [result["val"][k] for result in got] == pytest.approx([expected] * WORLD, rel=1e-5)
+    workers, _ = asim.replay_algorithm1(rounds, ALGORITHM1, WORLD, STEPS)
+    average = sim.average_state(workers, 0)
+    for rank, result in enumerate(got):
+        assert_states_close(result["state"], average, f"rank {rank} after the final sync")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -49,6 +49,47 @@ def test_multi_leader_pull_applies_both_forces_from_the_weights_before_the_round
     assert rules.multi_leader_pull(x, None, global_, 0.5, 0.25).tolist() == [0.5]
 
 
+def test_sequential_multi_leader_pull_applies_the_global_pull_to_the_locally_pulled_weights() -> None:
+    x, local, global_ = T([0.0]), T([1.0]), T([2.0])
+    # x' = 0 - 0.5 (0 - 1) = 0.5;  x" = 0.5 - 0.25 (0.5 - 2) = 0.875  (simultaneous: 1.0, see above)
+    assert rules.sequential_multi_leader_pull(x, local, global_, 0.5, 0.25).tolist() == [0.875]
+    assert rules.sequential_multi_leader_pull(x, local, None, 0.5, 0.25).tolist() == [0.5]
+    assert rules.sequential_multi_leader_pull(x, None, global_, 0.5, 0.25).tolist() == [0.5]
+    assert rules.sequential_multi_leader_pull(x, None, None, 0.5, 0.25).tolist() == [0.0]
+    assert x.tolist() == [0.0]  # pure: the input is untouched
+
+
+def test_strong_pulls_overshoot_both_leaders_only_when_simultaneous() -> None:
+    # lambda_L = lambda_G = 0.75, worker at 0, both leaders at 1:
+    # simultaneous: 0 - 0.75 (0 - 1) - 0.75 (0 - 1) = 1.5, beyond both leaders (refused by the strategy);
+    # sequential:   x' = 0.75, x" = 0.75 - 0.75 (0.75 - 1) = 0.9375 = 1 - (1 - 0.75)^2, between the worker and them.
+    x, leaders = T([0.0]), T([1.0])
+    assert rules.multi_leader_pull(x, leaders, leaders, 0.75, 0.75).tolist() == [1.5]
+    assert rules.sequential_multi_leader_pull(x, leaders, leaders, 0.75, 0.75).tolist() == [0.9375]
+
+
+def test_the_two_multi_leader_orders_differ_by_the_second_order_term() -> None:
+    # sequential - simultaneous = lambda_L lambda_G (x - x_local): 0.2 * 0.3 * (3 - 1) = 0.12
+    x, local, global_ = T([3.0]), T([1.0]), T([-2.0])
+    sequential = rules.sequential_multi_leader_pull(x, local, global_, 0.2, 0.3)
+    simultaneous = rules.multi_leader_pull(x, local, global_, 0.2, 0.3)
+    # simultaneous: 3 - 0.2 * 2 - 0.3 * 5 = 1.1; sequential: x' = 2.6, x" = 2.6 - 0.3 * 4.6 = 1.22
+    assert simultaneous.tolist() == [pytest.approx(1.1)]
+    assert sequential.tolist() == [pytest.approx(1.22)]
+    assert float(sequential - simultaneous) == pytest.approx(0.12)
+
+
+def test_a_worker_on_both_leaders_does_not_move_in_either_order() -> None:
+    """The global leader is its group's local leader: both pulls are exactly zero, bit for bit."""
+    leader = torch.randn(1000)
+    for pull in (rules.multi_leader_pull, rules.sequential_multi_leader_pull):
+        assert torch.equal(pull(leader, leader, leader, 0.3, 0.7), leader)
+    # a local leader (not the global one) moves only toward the global leader, in both orders
+    local, global_ = T([1.0]), T([3.0])
+    assert rules.sequential_multi_leader_pull(local, local, global_, 0.4, 0.5).tolist() == [2.0]
+    assert rules.multi_leader_pull(local, local, global_, 0.4, 0.5).tolist() == [2.0]
+
+
 def test_synchronous_elastic_round_moves_worker_and_center_toward_each_other() -> None:
     # workers at 0, 2, 4 (sum 6), center at 1, alpha 0.1: x_0 = 0 + 0.1 (1 - 0) = 0.1;
     # c = 1 + 0.1 ((0 - 1) + (2 - 1) + (4 - 1)) = 1.3

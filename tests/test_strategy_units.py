@@ -44,6 +44,12 @@ from tests import models
         ({"group_size": 2, "local_tau": 0}, "local_tau"),
         ({"group_size": 2, "tau": 16, "local_tau": 5}, "local_tau"),
         ({"group_size": 2, "local_pull_strength": 2.0}, "local_pull_strength"),
+        ({"pull_order": "sequential"}, "pull_order"),  # no groups, no second pull
+        ({"group_size": 2, "pull_order": "parallel"}, "pull_order"),
+        ({"bn_recalibration_batches": -1, "eval_on": "average"}, "bn_recalibration_batches"),
+        ({"bn_recalibration_batches": 2.0, "eval_on": "average"}, "bn_recalibration_batches"),
+        ({"bn_recalibration_batches": 4}, "bn_recalibration_batches"),  # the leader is evaluated: nothing to redo
+        ({"bn_recalibration_batches": 4, "eval_on": "local"}, "bn_recalibration_batches"),
     ],
 )
 def test_lsgd_rejects_bad_arguments(kwargs: dict, named: str) -> None:
@@ -76,6 +82,50 @@ def test_multi_leader_defaults_and_group_size_must_divide_the_workers() -> None:
     strategy._check_world_size(6)
     with pytest.raises(ValueError, match="group_size"):
         strategy._check_world_size(8)
+
+
+@pytest.mark.parametrize(("local", "global_"), [(0.75, 0.75), (0.5, 0.6), (1.0, 0.1)])
+def test_simultaneous_multi_leader_pulls_that_overshoot_are_refused_at_construction(
+    local: float, global_: float
+) -> None:
+    """local_pull_strength + pull_strength > 1: eq. 2 moves a worker beyond both leaders (see test_rules)."""
+    with pytest.raises(ValueError, match=r"pull_order='simultaneous'.*local_pull_strength \+ pull_strength <= 1"):
+        LSGDStrategy(group_size=2, local_pull_strength=local, pull_strength=global_, pull_order="simultaneous")
+    # the same strengths in Algorithm 1's order (the default) are a convex combination: accepted
+    strategy = LSGDStrategy(group_size=2, local_pull_strength=local, pull_strength=global_)
+    assert strategy.pull_order == "sequential"
+
+
+def test_simultaneous_multi_leader_pulls_up_to_a_total_of_one_are_accepted() -> None:
+    strategy = LSGDStrategy(group_size=2, local_pull_strength=0.25, pull_strength=0.75, pull_order="simultaneous")
+    assert strategy.pull_order == "simultaneous"
+
+
+@pytest.mark.parametrize("group_size", [None, 2])
+def test_lsgd_evaluates_the_average_with_optional_batchnorm_reestimation(group_size: int | None) -> None:
+    groups = {} if group_size is None else {"group_size": group_size}
+    assert "average" in LSGDStrategy.evaluated_models()
+    strategy = LSGDStrategy(eval_on="average", bn_recalibration_batches=8, **groups)
+    assert (strategy.eval_on, strategy.bn_recalibration_batches) == ("average", 8)
+    assert LSGDStrategy(**groups).bn_recalibration_batches == 0
+
+
+def test_async_lsgd_evaluates_the_average_only_in_algorithm1() -> None:
+    from lsgd_lightning import AsyncLSGDStrategy
+
+    strategy = AsyncLSGDStrategy(eval_on="average", bn_recalibration_batches=3)
+    assert (strategy.eval_on, strategy.bn_recalibration_batches) == ("average", 3)
+    with pytest.raises(ValueError, match="eval_on='average' needs variant='algorithm1'"):
+        AsyncLSGDStrategy(variant="board", eval_on="average")
+    with pytest.raises(ValueError, match="bn_recalibration_batches"):
+        AsyncLSGDStrategy(bn_recalibration_batches=3)
+
+
+def test_batchnorm_reestimation_is_refused_in_manual_optimization_when_the_trainer_is_set_up() -> None:
+    strategy = LSGDStrategy(eval_on="average", bn_recalibration_batches=2)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="bn_recalibration_batches=2 .*manual optimization"):
+        trainer.fit(models.ManualRegressor(), models.train_loader(1))
 
 
 def test_easgd_refuses_a_center_that_would_overshoot_the_mean() -> None:

@@ -71,6 +71,28 @@ def multi_leader_pull(
     return moved
 
 
+def sequential_multi_leader_pull(
+    x: Tensor, local_leader: Tensor | None, global_leader: Tensor | None, local_strength: float, global_strength: float
+) -> Tensor:
+    """Multi-leader LSGD as Algorithm 1 of the paper and the authors' code apply it: the local pull, then the global
+    pull applied to its result::
+
+        x' = x  - λ_L (x  - x_local)
+        x" = x' - λ_G (x' - x_global)  =  (1 - λ_G)(1 - λ_L) x + (1 - λ_G) λ_L x_local + λ_G x_global
+
+    The weights (1 - λ_G)(1 - λ_L), (1 - λ_G) λ_L and λ_G are non-negative and sum to 1 for any λ_L, λ_G in [0, 1],
+    so x" is a convex combination of x and the two leaders: it never overshoots them. :func:`multi_leader_pull`
+    (both pulls from x: (1 - λ_L - λ_G) x + λ_L x_local + λ_G x_global) is one only while λ_L + λ_G <= 1; the two
+    differ by λ_L λ_G (x - x_local), second order in the strengths. A leader given as ``None`` is not due this round
+    (its pull is skipped); a worker equal to both leaders (the global leader, which is also its group's local
+    leader) comes back unchanged.
+    """
+    moved = x.clone() if local_leader is None else torch.add(x, local_leader - x, alpha=local_strength)
+    if global_leader is not None:
+        moved = torch.add(moved, global_leader - moved, alpha=global_strength)
+    return moved
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Elastic Averaging SGD (Zhang, Choromanska, LeCun, NIPS 2015, arXiv:1412.6651)
 # ------------------------------------------------------------------------------------------------------------------

@@ -27,20 +27,23 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from ..core.collectives import Collectives, CommMeter
-from ..core.flat import FlatLayout
+from ..core.flat import FlatLayout, to_master
 from ..core.scores import ScoreWindow, all_diverged_error
 from . import checkpoints as ckpt
 from .checks import (
+    check_bn_recalibration,
     check_bool,
     check_choice,
     check_equal_epoch_lengths,
     check_int,
     check_positive,
     check_process_kwargs,
+    refuse_manual_recalibration,
     refuse_sync_batchnorm,
 )
 from .job_control import limit_cpu_threads
 from .metrics import log_rank_local
+from .recalibration import recalibrated
 from .supervised import SupervisedStrategy
 
 START_METHODS = ("popen", "spawn", "fork", "forkserver")
@@ -51,7 +54,8 @@ class ReplicaStrategy(SupervisedStrategy, ABC):
 
     Args:
         eval_on: which weights validation/test/predict see: the algorithm's reference model
-            (``reference_name``, e.g. ``"leader"``) swapped into every rank, or ``"local"`` (each rank its own).
+            (``reference_name``, e.g. ``"leader"``) swapped into every rank, one of ``also_evaluates`` (e.g.
+            ``"average"``: :meth:`_average_weights`), or ``"local"`` (each rank its own).
         final_sync: when ``fit`` ends, every worker takes the reference model's weights.
         loss_window: how many recent training losses make a worker's score.
         bucket_cap_mb: largest flat buffer sent in one collective (MiB).
@@ -64,6 +68,8 @@ class ReplicaStrategy(SupervisedStrategy, ABC):
 
     strategy_name: ClassVar[str]
     reference_name: ClassVar[str]
+    also_evaluates: ClassVar[tuple[str, ...]] = ()  # other models eval_on accepts, e.g. ("average",) for LSGD
+    bn_recalibration_batches: int = 0  # eval_on="average": batches re-estimating its BatchNorm statistics (0: off)
     _loss_window_arg: ClassVar[str] = "loss_window"  # the constructor's name for it, used in error messages
     # What a worker without recorded losses misses (said in the warning): only the divergence test, by default.
     _without_loss: ClassVar[str] = "a non-finite loss cannot be noticed (only non-finite weights are)"
@@ -107,7 +113,7 @@ class ReplicaStrategy(SupervisedStrategy, ABC):
     @classmethod
     def evaluated_models(cls) -> tuple[str, ...]:
         """The values ``eval_on`` accepts."""
-        return (cls.reference_name, "local")
+        return (cls.reference_name, *cls.also_evaluates, "local")
 
     # ------------------------------------------------------------------------------------------------ algorithm
     @abstractmethod
@@ -117,6 +123,28 @@ class ReplicaStrategy(SupervisedStrategy, ABC):
     @abstractmethod
     def _reference_weights(self) -> list[Tensor]:
         """Packed weights of the reference model, one flat tensor per bucket of :attr:`layout` (a collective)."""
+
+    def _average_weights(self) -> list[Tensor]:
+        """The workers' average, packed like :attr:`layout` (a collective): floating-point buckets (parameters and
+        floating-point buffers) all-reduced in float32 masters and divided by P, integer buckets this rank's own.
+        With :attr:`bn_recalibration_batches` > 0 its BatchNorm statistics are then re-estimated on that many of
+        each rank's training batches and averaged over the ranks (:func:`~.recalibration.recalibrated`), so every
+        rank gets the same model."""
+        collectives = self.collectives
+        average = [
+            collectives.all_reduce_sum(to_master(bucket.pack())).div_(self.world_size).to(bucket.dtype)
+            if bucket.floating
+            else bucket.pack()
+            for bucket in self.layout.buckets
+        ]
+        batches = self.bn_recalibration_batches
+        return recalibrated(self, average, batches) if batches > 0 else average
+
+    def _accept_bn_recalibration(self, batches: int) -> None:
+        """Constructor argument ``bn_recalibration_batches`` of a strategy that evaluates the workers' average
+        (``eval_on="average"``, which must be set first): an int >= 0, above 0 only with that ``eval_on``."""
+        check_bn_recalibration(batches, self.eval_on)
+        self.bn_recalibration_batches = batches
 
     def _extra_state_dict(self) -> dict[str, Any]:
         """Algorithm state that a shard must hold for an exact resume (e.g. EASGD's center)."""
@@ -223,6 +251,8 @@ class ReplicaStrategy(SupervisedStrategy, ABC):
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
+        automatic = trainer.lightning_module.automatic_optimization
+        refuse_manual_recalibration(type(self).__name__, self.bn_recalibration_batches, automatic)
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting or (self._steps == 0 and not self._evaluating_checkpoint):
             super().setup(trainer)  # outside fitting this broadcasts rank 0's weights (all equal there)

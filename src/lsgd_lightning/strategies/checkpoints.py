@@ -178,7 +178,9 @@ def save_sharded(
     atomic_torch_save(shard, shard_path(path, rank))
     strategy.barrier("lsgd_lightning.save_shards")
     if strategy.is_global_zero:
-        main = main_body(checkpoint, reference, strategy.strategy_name, world_size, strategy.reference_name)
+        # what the main file holds: "average" with eval_on="average", else the reference model ("leader", ...)
+        saved = strategy.eval_on if strategy.eval_on in strategy.also_evaluates else strategy.reference_name
+        main = main_body(checkpoint, reference, strategy.strategy_name, world_size, saved)
         io = strategy.checkpoint_io
         atomic_torch_save(main, path, lambda obj, tmp: io.save_checkpoint(obj, tmp, storage_options))
     strategy.barrier("lsgd_lightning.save_main")

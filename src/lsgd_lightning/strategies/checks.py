@@ -82,7 +82,7 @@ def check_leader_options(
     tau: Any, pull_strength: Any, overlap_steps: Any, leader_broadcast: Any, others: Mapping[str, Any]
 ) -> None:
     """Leader SGD's settings (``others``: the remaining keyword arguments, where group options do not belong)."""
-    for name in ("local_tau", "local_pull_strength"):
+    for name in ("local_tau", "local_pull_strength", "pull_order"):
         if name in others:
             raise ValueError(f"{name} needs group_size ('node' or an int): without groups there is one leader.")
     check_int("tau", tau, minimum=1)
@@ -138,6 +138,45 @@ def check_multi_leader_options(
         check_int("local_tau", local_tau, minimum=1)
     if local_pull_strength is not None:
         check_fraction("local_pull_strength", local_pull_strength)
+
+
+PULL_ORDERS = ("sequential", "simultaneous")
+
+
+def check_pull_order(pull_order: Any, local_pull_strength: float, pull_strength: float) -> None:
+    """Multi-leader LSGD's order of the two pulls; the simultaneous one (eq. 2) overshoots both leaders when
+    local_pull_strength + pull_strength > 1, so it is refused there (the sequential one never overshoots)."""
+    check_choice("pull_order", pull_order, PULL_ORDERS)
+    total = local_pull_strength + pull_strength
+    if pull_order == "simultaneous" and total > 1.0 + 1e-12:
+        raise ValueError(
+            f"pull_order='simultaneous' needs local_pull_strength + pull_strength <= 1, got "
+            f"local_pull_strength={local_pull_strength} + pull_strength={pull_strength} = {total:g}: the rule "
+            "x <- x - local_pull_strength (x - x_local) - pull_strength (x - x_global) is then no longer a convex "
+            "combination and moves a worker beyond both leaders. Use pull_order='sequential' (the local pull, then "
+            "the global pull on its result: a convex combination for any strengths in [0, 1]) or weaker pulls."
+        )
+
+
+def check_bn_recalibration(batches: Any, eval_on: str) -> None:
+    """``bn_recalibration_batches``: an int >= 0; above 0 only where the average is evaluated (its statistics are
+    what it re-estimates)."""
+    check_int("bn_recalibration_batches", batches, minimum=0)
+    if batches > 0 and eval_on != "average":
+        raise ValueError(
+            f"bn_recalibration_batches={batches} re-estimates the BatchNorm statistics of the workers' average, so it "
+            f"needs eval_on='average' (got eval_on={eval_on!r}); use bn_recalibration_batches=0 otherwise."
+        )
+
+
+def refuse_manual_recalibration(strategy: str, batches: int, automatic_optimization: bool) -> None:
+    """BatchNorm re-estimation runs ``training_step`` without gradients: impossible when it steps optimizers."""
+    if batches > 0 and not automatic_optimization:
+        raise ValueError(
+            f"{strategy}: bn_recalibration_batches={batches} runs training_step to re-estimate BatchNorm statistics, "
+            "which manual optimization cannot allow (its training_step steps the optimizers). Use automatic "
+            "optimization, or bn_recalibration_batches=0."
+        )
 
 
 def check_elastic_rates(beta: Any, moving_rate: Any) -> tuple[float, float | None]:

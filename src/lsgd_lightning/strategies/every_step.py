@@ -29,7 +29,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from ..core.flat import to_master
 from .base import ReplicaStrategy
 from .checks import check_point_to_point_backend, single_sgd
 
@@ -104,13 +103,7 @@ class EveryStepStrategy(ReplicaStrategy):
     @override
     def _reference_weights(self) -> list[Tensor]:
         """The workers' average: floating-point buckets all-reduced and divided by P; integer buckets own."""
-        collectives = self.collectives
-        return [
-            collectives.all_reduce_sum(to_master(bucket.pack())).div_(self.world_size).to(bucket.dtype)
-            if bucket.floating
-            else bucket.pack()
-            for bucket in self.layout.buckets
-        ]
+        return self._average_weights()
 
     def _step_views(self) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Per floating bucket: (before, now, payload).

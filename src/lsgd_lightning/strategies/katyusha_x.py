@@ -55,7 +55,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ..core.collectives import payload_bytes
@@ -63,6 +63,7 @@ from ..core.rules import katyusha_momentum
 from ..optim import check_epoch_length, check_tau
 from .dataparallel import DataParallelStrategy
 from .metrics import log_rank_local
+from .recalibration import buffers_kept, fresh_training_loader, logging_muted
 
 STATE_KEY = "katyusha_x"
 
@@ -252,8 +253,8 @@ class KatyushaXStrategy(DataParallelStrategy):
         devices = [self.root_device.index or 0] if self.root_device.type == "cuda" else []
         with (
             _parameters_set_to(self._params, weights),
-            _buffers_kept(module),
-            _logging_muted(module),
+            buffers_kept(module),
+            logging_muted(module),
             torch.random.fork_rng(devices=devices),
             torch.enable_grad(),
             self.precision_plugin.train_step_context(),
@@ -270,19 +271,10 @@ class KatyushaXStrategy(DataParallelStrategy):
 
         Fresh, so the fit loop's own iterator (persistent workers included) is never reset.
         """
-        loader = trainer.train_dataloader
-        if not isinstance(loader, DataLoader):
-            raise ValueError(f"Katyusha X needs one training DataLoader (it reads its shard); got {type(loader)}.")
-        common = {
-            "num_workers": loader.num_workers,
-            "collate_fn": loader.collate_fn,
-            "pin_memory": loader.pin_memory,
-            "worker_init_fn": loader.worker_init_fn,
-            "multiprocessing_context": loader.multiprocessing_context if loader.num_workers else None,
-        }
-        if isinstance(loader.dataset, IterableDataset):
-            return DataLoader(loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, **common)
-        return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, **common)
+        loader = fresh_training_loader(trainer, "Katyusha X")
+        if loader is None:
+            raise ValueError("Katyusha X needs one training DataLoader (it reads its shard); got None.")
+        return loader
 
 
 @contextmanager
@@ -300,31 +292,3 @@ def _parameters_set_to(params: list[Tensor], weights: list[Tensor] | None) -> It
         with torch.no_grad():
             for param, value in zip(params, saved):
                 param.copy_(value)
-
-
-@contextmanager
-def _buffers_kept(module: torch.nn.Module) -> Iterator[None]:
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-
-
-@contextmanager
-def _logging_muted(module: pl.LightningModule) -> Iterator[None]:
-    """Shadow ``log``/``log_dict`` on this one instance, so the extra passes add nothing to the logged metrics."""
-    names = ("log", "log_dict")
-    previous = {name: module.__dict__.get(name) for name in names}
-    for name in names:
-        setattr(module, name, lambda *args, **kwargs: None)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                delattr(module, name)
-            else:
-                setattr(module, name, value)

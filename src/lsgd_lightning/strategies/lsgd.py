@@ -24,6 +24,12 @@ goes on (:class:`~lsgd_lightning.core.transfer.InFlightRound`), and after step t
 the received weights and the due step: a resume is exact) and teardown wait for the transfer first; a round in
 flight when ``fit`` ends is applied then, before the final sync. The chain cannot run in the background (gloo's
 point-to-point operations report no completion before they are waited for), so overlapped rounds use the tree.
+
+``eval_on="average"`` evaluates, checkpoints (main file) and final-syncs the workers' average, what every LSGD figure
+of the paper reports: parameters and floating-point buffers all-reduced (4·d bytes per worker per evaluation,
+checkpoint and final sync; the rounds are unchanged), optionally with BatchNorm statistics re-estimated on
+``bn_recalibration_batches`` training batches of every worker (:mod:`.recalibration`). The authors' code evaluates
+each group's average when workers form groups; the multi-leader strategy evaluates the mean of all P workers.
 """
 
 from __future__ import annotations
@@ -61,8 +67,11 @@ class LSGDStrategy(PeriodicStrategy):
             background and applies the pull toward them (then k steps old) k steps after the election.
         leader_broadcast: ``"tree"`` (default, ``torch.distributed.broadcast``) or ``"chain"`` (point-to-point
             along leader -> next rank -> ...; the leader's link carries one copy; CPU/gloo, blocking rounds only).
-        **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (evaluate the leader, or ``"local"``),
-            ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and Lightning's process arguments.
+        bn_recalibration_batches: with ``eval_on="average"``, re-estimate the average's BatchNorm statistics on
+            this many of each rank's training batches before it is evaluated, saved or final-synced (0: off).
+        **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (``"leader"``, ``"average"``: all workers' mean
+            weights, or ``"local"``), ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and
+            Lightning's process arguments.
 
     ``LSGDStrategy(group_size=...)`` builds a :class:`~.lsgd_multi.MultiLeaderLSGDStrategy` (one leader per group).
     Registered as ``"lsgd"`` (subprocess launcher) and ``"lsgd_spawn"`` (spawn launcher).
@@ -70,6 +79,7 @@ class LSGDStrategy(PeriodicStrategy):
 
     strategy_name: ClassVar[str] = "lsgd"
     reference_name: ClassVar[str] = "leader"
+    also_evaluates: ClassVar[tuple[str, ...]] = ("average",)
     _loss_window_arg: ClassVar[str] = "leader_window"
     _without_loss: ClassVar[str] = "this worker's score stays +inf (it cannot be elected)"
 
@@ -87,10 +97,12 @@ class LSGDStrategy(PeriodicStrategy):
         leader_window: int = 10,
         overlap_steps: int = 0,
         leader_broadcast: str = "tree",
+        bn_recalibration_batches: int = 0,
         **kwargs: Any,
     ) -> None:
         check_leader_options(tau, pull_strength, overlap_steps, leader_broadcast, kwargs)
         super().__init__(tau=tau, loss_window=leader_window, **kwargs)
+        self._accept_bn_recalibration(bn_recalibration_batches)
         self.pull_strength = float(pull_strength)
         self.overlap_steps = overlap_steps
         self.leader_broadcast = leader_broadcast
@@ -194,6 +206,8 @@ class LSGDStrategy(PeriodicStrategy):
     @override
     def _reference_weights(self) -> list[Tensor]:
         self.finish_transfer()  # evaluation, final sync and checkpoints see the round's traffic off the wire
+        if self.eval_on == "average":
+            return self._average_weights()
         leader = elect_leader(self._gather_scores())
         if leader is None:
             rank_zero_warn("No worker has a finite training loss; rank 0 stands in as the leader.")

@@ -22,7 +22,14 @@ ever waits for a round. The board only ever holds finite weights (a diverged lea
 to the copy). Bytes: one model copy up or down per round through the store (rank 0's process).
 
 Both end with every worker holding the newest leader weights (``final_sync``): a last election over all workers'
-final scores, the winner's current weights to everyone. See :mod:`.asynchronous` for where workers meet (evaluation,
+final scores, the winner's current weights to everyone.
+
+``eval_on="average"`` (``"algorithm1"`` only) evaluates, checkpoints (main file) and final-syncs the workers'
+average instead, what every LSGD figure of the paper reports, optionally with re-estimated BatchNorm statistics
+(``bn_recalibration_batches``, :mod:`.recalibration`). It is computed where every worker is present (evaluation,
+checkpoints and the end are meeting points), so it is exactly the mean of all workers' current weights. The board
+variant refuses it: its checkpoint's main file must hold the board's leader copy, from which a resume restarts the
+board, and that copy is not any worker's current weights. See :mod:`.asynchronous` for where workers meet (evaluation,
 checkpoints, Lightning's collectives, the end). No multi-leader form: use ``MultiLeaderLSGDStrategy`` for that.
 """
 
@@ -54,14 +61,18 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
         pull_strength: how far a worker moves toward the leader per round, in [0, 1].
         leader_window: how many recent training losses make a worker's score.
         variant: ``"algorithm1"`` (the paper's) or ``"board"`` (this package's variant).
-        **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (evaluate the leader, or ``"local"``),
-            ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and Lightning's process arguments.
+        bn_recalibration_batches: with ``eval_on="average"``, re-estimate the average's BatchNorm statistics on
+            this many of each rank's training batches before it is evaluated, saved or final-synced (0: off).
+        **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (``"leader"``; ``"average"``: all workers' mean
+            weights, ``"algorithm1"`` only; or ``"local"``), ``final_sync``, ``bucket_cap_mb``, ``timeout``,
+            ``start_method`` and Lightning's process arguments.
 
     Registered as ``"lsgd_async"`` (subprocess launcher) and ``"lsgd_async_spawn"`` (spawn launcher).
     """
 
     strategy_name: ClassVar[str] = "lsgd_async"
     reference_name: ClassVar[str] = "leader"
+    also_evaluates: ClassVar[tuple[str, ...]] = ("average",)
     _loss_window_arg: ClassVar[str] = "leader_window"
     _without_loss: ClassVar[str] = "this worker's score stays +inf (it cannot be elected)"
 
@@ -71,17 +82,25 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
         pull_strength: float = 0.1,
         leader_window: int = 10,
         variant: str = "algorithm1",
+        bn_recalibration_batches: int = 0,
         **kwargs: Any,
     ) -> None:
         check_fraction("pull_strength", pull_strength)
         check_choice("variant", variant, VARIANTS)
-        multi = sorted({"group_size", "local_tau", "local_pull_strength"} & kwargs.keys())
+        if variant == "board" and kwargs.get("eval_on") == "average":
+            raise ValueError(
+                "eval_on='average' needs variant='algorithm1': the board variant's checkpoint must hold the board's "
+                "leader copy (a resume restarts the board from it), which is not the workers' average. Use "
+                "eval_on='leader' or 'local' with variant='board'."
+            )
+        multi = sorted({"group_size", "local_tau", "local_pull_strength", "pull_order"} & kwargs.keys())
         if multi:
             raise ValueError(
                 f"lsgd_async does not take {', '.join(multi)}: it runs Algorithm 1 with one group of workers; the "
                 "multi-leader asynchronous form is not implemented. Use 'lsgd_multi' (synchronous) for local leaders."
             )
         super().__init__(tau=tau, loss_window=leader_window, **kwargs)
+        self._accept_bn_recalibration(bn_recalibration_batches)
         self.pull_strength = float(pull_strength)
         self.variant = variant
         self.rounds_joined = 0  # algorithm1: rounds this worker took part in (the job's round number)
@@ -236,6 +255,8 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
             with self.board.locked():
                 return self.board.get("leader", like=self.layout.pack())
         with self._guard.bypass():  # called where every worker is present (evaluation, checkpoint, the end)
+            if self.eval_on == "average":
+                return self._average_weights()
             leader = elect_leader(self.collectives.all_gather(self.round_score().float().reshape(1)))
             if leader is None:
                 rank_zero_warn("No worker has a finite training loss; rank 0 stands in as the leader.")

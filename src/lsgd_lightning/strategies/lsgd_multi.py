@@ -2,13 +2,23 @@
 group of workers (a node) and one global leader.
 
 Workers form groups (the ranks of one node, or k consecutive ranks). After step t with t % local_tau == 0 each group
-elects its *local leader* and, when t % tau == 0, all workers elect the *global leader*; from the weights before the
-round (:func:`~lsgd_lightning.core.rules.multi_leader_pull`)::
+elects its *local leader* and, when t % tau == 0, all workers elect the *global leader*. With λ_L =
+``local_pull_strength``, λ_G = ``pull_strength`` and the leaders' weights from before the round::
 
-    x_i <- x_i - local_pull_strength * (x_i - x_local(i)) - pull_strength * (x_i - x_global)     (both due)
-    x_i <- x_i - local_pull_strength * (x_i - x_local(i))                                         (local only)
+    local only:                            x_i <- x_i - λ_L (x_i - x_local(i))
+    both, pull_order="sequential":         x_i' = x_i - λ_L (x_i - x_local(i));  x_i <- x_i' - λ_G (x_i' - x_global)
+    both, pull_order="simultaneous":       x_i <- x_i - λ_L (x_i - x_local(i)) - λ_G (x_i - x_global)
 
-The global leader is the lowest score anywhere, hence also its group's local leader, so it does not move. Traffic:
+(:func:`~lsgd_lightning.core.rules.sequential_multi_leader_pull`, :func:`~lsgd_lightning.core.rules.multi_leader_pull`).
+The default is ``"sequential"`` because it is what the paper's Algorithm 1 and the authors' code do (the local pull,
+then the global pull applied to its result), so it is the rule behind the paper's multi-leader results; it is also a
+convex combination of the worker and its two leaders, weights (1-λ_G)(1-λ_L), (1-λ_G)λ_L and λ_G, for any strengths
+in [0, 1]. The simultaneous form (the poster's eq. 2, one gradient step on the penalized objective) agrees with it to
+first order in the strengths (they differ by λ_L λ_G (x_i - x_local(i))) and overshoots both leaders when
+λ_L + λ_G > 1, which is refused when the strategy is constructed.
+
+The global leader is the lowest score anywhere, hence also its group's local leader, so it does not move (in either
+order); the ``*/dist_to_*`` metrics are distances from the weights before the round. Traffic:
 scores are all-gathered once per round (P floats); the local leader's weights stay inside the group's process
 group; the global leader's weights cross group boundaries once per group (to the rank holding the same position in
 each other group, through a "column" process group) and then fan out inside each group. ``comm/bytes_intra`` and
@@ -27,8 +37,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..core.flat import to_master
-from ..core.rules import elect_leader, multi_leader_pull, squared_distance
-from .checks import check_multi_leader_options
+from ..core.rules import elect_leader, multi_leader_pull, sequential_multi_leader_pull, squared_distance
+from .checks import check_multi_leader_options, check_pull_order
 from .lsgd import LSGDStrategy
 
 
@@ -49,7 +59,12 @@ class MultiLeaderLSGDStrategy(LSGDStrategy):
             ``tau // 4``.
         pull_strength: pull toward the global leader, in [0, 1].
         local_pull_strength: pull toward the local leader, in [0, 1]. Default: ``pull_strength``.
-        **kwargs: :class:`~.lsgd.LSGDStrategy`'s ``tau``, ``pull_strength``, ``leader_window`` and the rest.
+        pull_order: on rounds with both pulls, ``"sequential"`` (default: the local pull, then the global pull on
+            its result, as Algorithm 1 and the authors' code) or ``"simultaneous"`` (both from the weights before
+            the round, the poster's eq. 2; needs ``local_pull_strength + pull_strength <= 1``).
+        **kwargs: :class:`~.lsgd.LSGDStrategy`'s ``tau``, ``pull_strength``, ``leader_window``, ``eval_on``
+            (``"leader"``: the global leader; ``"average"``: the mean of all P workers, what the paper reports),
+            ``bn_recalibration_batches`` and the rest.
 
     ``overlap_steps`` and ``leader_broadcast='chain'`` are single-leader options and are refused. Registered as
     ``"lsgd_multi"`` and ``"lsgd_multi_spawn"`` with ``group_size="node"``; ``LSGDStrategy(group_size=...)`` builds one.
@@ -63,6 +78,7 @@ class MultiLeaderLSGDStrategy(LSGDStrategy):
         *,
         local_tau: int | None = None,
         local_pull_strength: float | None = None,
+        pull_order: str = "sequential",
         overlap_steps: int = 0,
         leader_broadcast: str = "tree",
         **kwargs: Any,
@@ -74,6 +90,8 @@ class MultiLeaderLSGDStrategy(LSGDStrategy):
         self.local_pull_strength = self.pull_strength if local_pull_strength is None else float(local_pull_strength)
         if self.tau % self.local_tau != 0:
             raise ValueError(f"tau ({self.tau}) must be a multiple of local_tau ({self.local_tau}).")
+        check_pull_order(pull_order, self.local_pull_strength, self.pull_strength)
+        self.pull_order = pull_order
         self.groups: list[list[int]] = []  # global ranks of each group
         self._row_group: Any = None  # this rank's group
         self._column_groups: list[Any] = []  # column j: the j-th rank of every group
@@ -169,8 +187,10 @@ class MultiLeaderLSGDStrategy(LSGDStrategy):
     def _pull_toward_leaders(
         self, local_flats: list[Tensor] | None, global_flats: list[Tensor] | None
     ) -> tuple[float, float]:
-        """Both pulls from the weights before the round; integer buffers copied from the global (else local)
-        leader. Returns the L2 distances to the local and to the global leader."""
+        """Both pulls in ``pull_order`` toward the leaders' weights from before the round; integer buffers copied
+        from the global (else local) leader. Returns the L2 distances (before the round) to the local and global
+        leader."""
+        pull = sequential_multi_leader_pull if self.pull_order == "sequential" else multi_leader_pull
         local_sq = torch.zeros((), dtype=torch.float64, device=self.root_device)
         global_sq = torch.zeros((), dtype=torch.float64, device=self.root_device)
         for index, bucket in enumerate(self.layout.buckets):
@@ -184,7 +204,7 @@ class MultiLeaderLSGDStrategy(LSGDStrategy):
                 local_sq += squared_distance(own, local)
             if global_ is not None:
                 global_sq += squared_distance(own, global_)
-            moved = multi_leader_pull(own, local, global_, self.local_pull_strength, self.pull_strength)
+            moved = pull(own, local, global_, self.local_pull_strength, self.pull_strength)
             if not torch.equal(moved, own):  # a leader's move is exactly zero: keep it bit for bit
                 bucket.unpack(moved)
         return float(local_sq.sqrt()), float(global_sq.sqrt())
