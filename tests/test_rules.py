@@ -228,3 +228,18 @@ def _isolated(code: str) -> str:
         "package = types.ModuleType('lsgd_lightning'); package.__path__ = list(spec.submodule_search_locations)\n"
         "sys.modules['lsgd_lightning'] = package\n" + code
     )
+
+
+def test_pull_buckets_pulls_floating_buckets_and_copies_integer_ones() -> None:
+    from lsgd_lightning.core.flat import FlatLayout, pull_buckets
+
+    module = torch.nn.BatchNorm1d(3)  # weight, bias, running stats (floating) and num_batches_tracked (integer)
+    layout = FlatLayout(module, 1 << 20)
+    own = layout.pack()
+    leader = [flat + 4 if flat.is_floating_point() else flat + 7 for flat in own]
+    distance = pull_buckets(layout.buckets, own, leader, 0.25)
+    floating = sum(flat.numel() for flat in own if flat.is_floating_point())
+    assert distance == pytest.approx(4 * math.sqrt(floating))
+    for before, after in zip(own, layout.pack()):
+        expected = before + 1 if before.is_floating_point() else before + 7  # 0.25 of the way; copied
+        assert torch.equal(after, expected)

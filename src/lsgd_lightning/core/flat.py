@@ -8,12 +8,15 @@ buckets (e.g. BatchNorm's ``num_batches_tracked``) are only ever copied.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from .rules import leader_pull, squared_distance
 
 
 @dataclass
@@ -150,3 +153,18 @@ def state_dict_with(module: nn.Module, replacements: Mapping[str, Tensor]) -> di
         if key in replacements:
             state[key] = replacements[key].detach().clone()
     return state
+
+
+def pull_buckets(buckets: Sequence[Bucket], own: Iterable[Tensor], leader: Iterable[Tensor], strength: float) -> float:
+    """The LSGD pull on a whole model: ``x <- x - strength (x - x_leader)`` (:func:`~.rules.leader_pull`) on every
+    floating bucket, in float32 masters for a half-precision model; integer buckets take the leader's values.
+    ``own`` and ``leader`` are packed like ``buckets``. Returns ``||x - x_leader||`` before the pull (one host read)."""
+    squared = torch.zeros((), dtype=torch.float64, device=buckets[0].device)
+    for bucket, mine, theirs in zip(buckets, own, leader):
+        if bucket.floating:
+            mine, theirs = to_master(mine), to_master(theirs)
+            squared += squared_distance(mine, theirs)
+            bucket.unpack(leader_pull(mine, theirs, strength))
+        else:
+            bucket.unpack(theirs)
+    return math.sqrt(float(squared))

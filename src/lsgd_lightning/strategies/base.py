@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from ..core.collectives import Collectives, CommMeter
-from ..core.flat import FlatLayout, to_master
+from ..core.flat import FlatLayout
 from ..core.scores import ScoreWindow, all_diverged_error
 from . import checkpoints as ckpt
 from .checks import (
@@ -43,7 +43,7 @@ from .checks import (
 )
 from .job_control import limit_cpu_threads
 from .metrics import log_rank_local
-from .recalibration import recalibrated
+from .recalibration import average_weights
 from .supervised import SupervisedStrategy
 
 START_METHODS = ("popen", "spawn", "fork", "forkserver")
@@ -125,20 +125,8 @@ class ReplicaStrategy(SupervisedStrategy, ABC):
         """Packed weights of the reference model, one flat tensor per bucket of :attr:`layout` (a collective)."""
 
     def _average_weights(self) -> list[Tensor]:
-        """The workers' average, packed like :attr:`layout` (a collective): floating-point buckets (parameters and
-        floating-point buffers) all-reduced in float32 masters and divided by P, integer buckets this rank's own.
-        With :attr:`bn_recalibration_batches` > 0 its BatchNorm statistics are then re-estimated on that many of
-        each rank's training batches and averaged over the ranks (:func:`~.recalibration.recalibrated`), so every
-        rank gets the same model."""
-        collectives = self.collectives
-        average = [
-            collectives.all_reduce_sum(to_master(bucket.pack())).div_(self.world_size).to(bucket.dtype)
-            if bucket.floating
-            else bucket.pack()
-            for bucket in self.layout.buckets
-        ]
-        batches = self.bn_recalibration_batches
-        return recalibrated(self, average, batches) if batches > 0 else average
+        """The workers' average, packed like :attr:`layout` (a collective; :func:`~.recalibration.average_weights`)."""
+        return average_weights(self, self.bn_recalibration_batches)
 
     def _accept_bn_recalibration(self, batches: int) -> None:
         """Constructor argument ``bn_recalibration_batches`` of a strategy that evaluates the workers' average
@@ -235,9 +223,7 @@ class ReplicaStrategy(SupervisedStrategy, ABC):
     @override
     def setup_environment(self) -> None:
         if self.num_nodes * self.num_processes == 1:
-            rank_zero_warn(
-                f"{type(self).__name__} runs with a single worker: no communication, only the local updates."
-            )
+            rank_zero_warn(f"{type(self).__name__} runs with a single worker: no communication, only local updates.")
         limit_cpu_threads(self.num_processes, self.parallel_devices)
         super().setup_environment()
 
@@ -257,9 +243,7 @@ class ReplicaStrategy(SupervisedStrategy, ABC):
         if fitting or (self._steps == 0 and not self._evaluating_checkpoint):
             super().setup(trainer)  # outside fitting this broadcasts rank 0's weights (all equal there)
         else:
-            # Evaluating after `fit` in the same process, or a checkpoint loaded before `setup` (each rank's own
-            # shard with eval_on="local"): keep each rank's weights, so DDPStrategy's rank-0 broadcast must not
-            # overwrite them.
+            # Evaluating after `fit`, or a checkpoint loaded before `setup`: no rank-0 broadcast over each rank's own.
             assert self.accelerator is not None
             self.accelerator.setup(trainer)
             self.precision_plugin.convert_module(self.model)

@@ -34,7 +34,6 @@ each group's average when workers form groups; the multi-leader strategy evaluat
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -47,8 +46,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..core.collectives import payload_bytes
-from ..core.flat import to_master
-from ..core.rules import elect_leader, leader_pull, squared_distance
+from ..core.flat import pull_buckets
+from ..core.rules import elect_leader
 from ..core.transfer import InFlightRound
 from .checks import check_chain_devices, check_leader_options
 from .metrics import log_rank_local
@@ -170,16 +169,8 @@ class LSGDStrategy(PeriodicStrategy):
         return [collectives.broadcast(flat, src=src, group=group, scope=scope) for flat in flats]
 
     def _pull_toward(self, leader_flats: list[Tensor]) -> float:
-        """x <- x - pull_strength (x - x_leader) on floating buckets; integer buckets copied. Returns ||x - x_l||."""
-        squared = torch.zeros((), dtype=torch.float64, device=self.root_device)
-        for bucket, target in zip(self.layout.buckets, leader_flats):
-            if not bucket.floating:
-                bucket.unpack(target)
-                continue
-            own, target = to_master(bucket.pack()), to_master(target)  # float32 for a half-precision model
-            squared += squared_distance(own, target)
-            bucket.unpack(leader_pull(own, target, self.pull_strength))
-        return math.sqrt(float(squared))
+        """x <- x - pull_strength (x - x_leader) (:func:`~..core.flat.pull_buckets`); returns ||x - x_l||."""
+        return pull_buckets(self.layout.buckets, self.layout.pack(), leader_flats, self.pull_strength)
 
     @override
     def _communication_round(self) -> dict[str, float] | None:

@@ -43,8 +43,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from ..core.flat import to_master
-from ..core.rules import elect_leader, leader_pull, squared_distance
+from ..core.flat import pull_buckets
+from ..core.rules import elect_leader
 from .asynchronous import AsynchronousStrategy
 from .checks import check_choice, check_fraction
 
@@ -221,16 +221,8 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
         return {**metrics, "lsgd/dist_to_leader": self._pull_toward(own, leader_copy)}
 
     def _pull_toward(self, own: list[Tensor], leader_copy: list[Tensor]) -> float:
-        """x <- x - pull_strength * (x - x_leader) on floating buckets; integer buckets copied. Returns ||x - x_l||."""
-        squared = torch.zeros((), dtype=torch.float64, device=self.root_device)
-        for bucket, mine, theirs in zip(self.layout.buckets, own, leader_copy):
-            if bucket.floating:
-                mine, theirs = to_master(mine), to_master(theirs)  # float32 for a half-precision model
-                squared += squared_distance(mine, theirs)
-                bucket.unpack(leader_pull(mine, theirs, self.pull_strength))
-            else:
-                bucket.unpack(theirs)
-        return math.sqrt(float(squared))
+        """x <- x - pull_strength (x - x_leader) (:func:`~..core.flat.pull_buckets`); returns ||x - x_l||."""
+        return pull_buckets(self.layout.buckets, own, leader_copy, self.pull_strength)
 
     # ------------------------------------------------------------------------------------------------ the end
     @override

@@ -48,6 +48,21 @@ def batch_norms(module: nn.Module) -> list[_BatchNorm]:
     return [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
+def average_weights(strategy: ReplicaStrategy, batches: int = 0) -> list[Tensor]:
+    """The workers' average, packed like ``strategy.layout`` (a collective): floating-point buckets (parameters and
+    floating-point buffers) all-reduced in float32 masters and divided by P, integer buckets this rank's own. With
+    ``batches`` > 0 its BatchNorm statistics are then re-estimated on that many of each rank's training batches and
+    averaged over the ranks (:func:`recalibrated`), so every rank gets the same model."""
+    collectives = strategy.collectives
+    average = [
+        collectives.all_reduce_sum(to_master(bucket.pack())).div_(strategy.world_size).to(bucket.dtype)
+        if bucket.floating
+        else bucket.pack()
+        for bucket in strategy.layout.buckets
+    ]
+    return recalibrated(strategy, average, batches) if batches > 0 else average
+
+
 def recalibrated(strategy: ReplicaStrategy, flats: list[Tensor], batches: int) -> list[Tensor]:
     """``flats`` (packed like ``strategy.layout``, the same on every rank) with BatchNorm statistics re-estimated on
     ``batches`` of each rank's training batches and averaged over the ranks (a collective). The module keeps its own
