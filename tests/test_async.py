@@ -18,7 +18,7 @@ import torch
 from lsgd_lightning import AsyncEASGDStrategy, AsyncLSGDStrategy, DownpourStrategy
 from tests import async_simulation as asim
 from tests.async_scenarios import DOWNPOUR, EASGD_ASYNC, LSGD_ASYNC, run_async_scenarios, run_killed
-from tests.multiproc import run_workers
+from tests.multiproc import rank_results, run_workers, scenario_job
 from tests.scenarios import STEPS
 from tests.test_distributed import assert_states_close
 
@@ -35,15 +35,11 @@ SCENARIOS = [
 STEPS_PER_EPOCH = 6  # 96 samples, batch 4, 4 workers
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("async")
-    run_workers(run_async_scenarios, WORLD, (str(out), SCENARIOS), errdir=out / "errors", timeout_s=420)
-    return out
+job = scenario_job("async", run_async_scenarios, WORLD, SCENARIOS, timeout_s=420)
 
 
 def results(job: Path, name: str) -> list[dict[str, Any]]:
-    return [torch.load(job / name / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return rank_results(job, name, WORLD)
 
 
 def finite(state: dict[str, torch.Tensor]) -> bool:

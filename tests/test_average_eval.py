@@ -19,7 +19,7 @@ import torch
 
 from tests import models
 from tests import simulation as sim
-from tests.multiproc import run_workers
+from tests.multiproc import rank_results, scenario_job
 from tests.scenarios import BN_BATCHES, LSGD, MULTI_SEQUENTIAL, STEPS, VAL_EVERY, run_scenarios
 from tests.test_distributed import assert_states_close
 
@@ -29,15 +29,11 @@ STEPS_PER_EPOCH = models.N_TRAIN // WORLD // models.BATCH  # 6
 GROUPS = [[0, 1], [2, 3]]
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("average")
-    run_workers(run_scenarios, WORLD, (str(out), SCENARIOS), errdir=out / "errors", timeout_s=400)
-    return out
+job = scenario_job("average", run_scenarios, WORLD, SCENARIOS, timeout_s=400)
 
 
 def results(job: Path, name: str) -> list[dict[str, Any]]:
-    return [torch.load(job / name / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return rank_results(job, name, WORLD)
 
 
 Evaluate = Callable[[list[sim.Worker], int], float]

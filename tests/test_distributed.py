@@ -17,7 +17,7 @@ import torch
 
 from tests import models
 from tests import simulation as sim
-from tests.multiproc import run_workers
+from tests.multiproc import rank_results, scenario_job
 from tests.scenarios import EASGD, LSGD, MULTI, STEPS, VAL_EVERY, run_scenarios
 
 WORLD = 4
@@ -55,15 +55,11 @@ SCENARIOS = [
 RTOL, ATOL = 1e-5, 1e-6
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
-    run_workers(run_scenarios, WORLD, (str(out), SCENARIOS), errdir=out / "errors", timeout_s=400)
-    return out
+job = scenario_job("dist", run_scenarios, WORLD, SCENARIOS, timeout_s=400)
 
 
 def results(job: Path, name: str) -> list[dict[str, Any]]:
-    return [torch.load(job / name / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return rank_results(job, name, WORLD)
 
 
 def assert_states_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
