@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
 import statistics
 import sys
 import time
@@ -61,11 +60,11 @@ from netcluster_report import CONFIGS, LSGD_CONFIGS, Summary, report
 from netns import (
     cluster_up,
     counters,
-    exit_with_parent,
     missing_capability,
     rate_bits,
     remove_stale_namespaces,
     run_plan,
+    serve_node,
     settled_counters,
 )
 
@@ -289,12 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=None, help="workers' logs and files (default: <out>/work)")
     args = parser.parse_args(argv)
     args.work_dir = args.work_dir or args.out / "work"
-    if args.node is not None:
-        # The orchestrator starts workers with these signals held (see run_plan); they must reach the worker.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-        spec = json.loads(args.node)
-        exit_with_parent(spec["parent"])
-        node_main(spec)
+    if serve_node(args.node, node_main):
         return 0
     driver.check_known(parser, args.configs, CONFIGS, "configuration(s)")
     if args.nodes < 2 or not re.fullmatch(r"\d{1,3}\.\d{1,3}\.\d{1,3}", args.subnet):

@@ -311,3 +311,16 @@ def cluster_up(nodes: int, subnet: str) -> Iterator[Cluster]:
         cluster.down()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def serve_node(node: str | None, node_main: Callable[[dict[str, Any]], None]) -> bool:
+    """The worker side of a script run with ``--node SPEC``: run ``node_main(spec)`` and return ``True``; ``False``
+    (nothing run) for the orchestrator, where ``node`` is ``None``."""
+    if node is None:
+        return False
+    # The orchestrator starts workers with these signals held (see run_plan); they must reach the worker.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    spec = json.loads(node)
+    exit_with_parent(spec["parent"])
+    node_main(spec)
+    return True

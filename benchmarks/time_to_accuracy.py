@@ -52,7 +52,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 import warnings
@@ -64,11 +63,11 @@ from netns import (
     Loopback,
     cluster_up,
     counters,
-    exit_with_parent,
     missing_capability,
     rate_bits,
     remove_stale_namespaces,
     run_plan,
+    serve_node,
 )
 from time_to_accuracy_report import CURVES, RUNS, STRATEGIES, CurvePoint, RunRow, report
 
@@ -374,12 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("override", nargs="*", help="more app overrides for every run, e.g. data.num_workers=1")
     args = parser.parse_args(argv)
     args.work_dir = args.work_dir or args.out / "work"
-    if args.node is not None:
-        # The orchestrator starts workers with these signals held (see run_plan); they must reach the worker.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-        spec = json.loads(args.node)
-        exit_with_parent(spec["parent"])
-        node_main(spec)
+    if serve_node(args.node, node_main):
         return 0
     driver.check_known(parser, args.strategies, STRATEGIES, "strategies")
     if args.nodes < 2 or args.budget <= 0 or args.eval_every <= 0 or args.check_every < 1 or args.tau < 2:
