@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .quantize import Quantized, dequantize, payload_bytes
+from .transfer import InFlight
 
 
 def split_tensors(sizes: Sequence[int], count: int) -> list[list[int]]:
@@ -70,7 +71,7 @@ class Fragment:
 
 
 @dataclass(eq=False)
-class InFlightFragment:
+class InFlightFragment(InFlight):
     """A fragment's quantized pseudo-gradients travelling (or arrived) from every worker.
 
     Attributes:
@@ -96,17 +97,6 @@ class InFlightFragment:
         all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # looked up per call
         work = all_gather(gathered, mine, group=group, async_op=True)
         return cls(index, due, gathered, payload.numel, payload.bits, payload.block, [work])
-
-    @property
-    def arrived(self) -> bool:
-        """Whether :meth:`wait` has returned (nothing left in flight)."""
-        return not self._works
-
-    def wait(self) -> None:
-        """Block until every payload has arrived (a stream dependency on NCCL). Raises the transfer's error."""
-        works, self._works = self._works, []
-        for work in works:
-            work.wait()
 
     def payloads(self) -> list[Quantized]:
         """Every rank's payload, in rank order (waits first)."""

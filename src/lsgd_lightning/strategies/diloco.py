@@ -115,7 +115,7 @@ class DiLoCoStrategy(PeriodicStrategy):
         owns = self.layout.masters()
         thetas = outer.flats
         differences = [pseudo_gradient(theta, own) for theta, own in zip(thetas, owns)]
-        sums, healthy = self._average_over_healthy(differences, diverged)
+        sums, healthy = self._sum_over_healthy(differences, diverged)
         deltas = [total / healthy for total in sums]
         squared = torch.zeros((), dtype=torch.float64, device=self.root_device)
         for own, theta in zip(owns, thetas):
@@ -128,30 +128,6 @@ class DiLoCoStrategy(PeriodicStrategy):
         for bucket, theta in zip(self.layout.floating_buckets, outer.flats):
             bucket.unpack(theta)
         return {"diloco/outer_grad_norm": outer_norm, "diloco/dist_to_global": math.sqrt(float(squared))}
-
-    def _average_over_healthy(self, differences: list[Tensor], diverged: bool) -> tuple[list[Tensor], int]:
-        """Σ over the healthy workers of ``differences`` (one all-reduce per bucket) and how many they are.
-
-        A diverged worker sends NaN, so a healthy round needs nothing more; otherwise every rank learns who
-        diverged (an all-gather of P floats) and the sums are taken again without them.
-        """
-        sums = [self._sum(diff, poisoned=diverged) for diff in differences]
-        if all(bool(torch.isfinite(total).all()) for total in sums):
-            return sums, self.world_size
-        flags = self.collectives.all_gather(torch.tensor([float(diverged)], device=self.root_device))
-        healthy = self.world_size - int(flags.sum())
-        if healthy == 0:
-            self._raise_all_diverged()
-        return [self._sum(diff, poisoned=False, excluded=diverged) for diff in differences], healthy
-
-    def _sum(self, contribution: Tensor, poisoned: bool, excluded: bool = False) -> Tensor:
-        if poisoned:
-            contribution = torch.full_like(contribution, math.nan)
-        elif excluded:
-            contribution = torch.zeros_like(contribution)
-        else:
-            contribution = contribution.clone()
-        return self.collectives.all_reduce_sum(contribution)
 
     @override
     def _reference_weights(self) -> list[Tensor]:
