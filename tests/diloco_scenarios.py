@@ -91,6 +91,10 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
         return _fit(rank, world_size, _diloco(tau=4), **no_buffers)
     if name == "streaming":
         return _streaming_with_thread_log(rank, world_size)
+    if name == "streaming_diverge":
+        return _fit(rank, world_size, _streaming(), make_model=lambda: models.DivergingRegressor(rank=1, step=4))
+    if name == "streaming_eval":
+        return _fit(rank, world_size, _streaming(), val=True, val_check_interval=3)
     if name == "streaming_resume":
         return _resume_pair(rank, world_size, out, _streaming)
     if name.startswith("bytes_streaming_"):  # bytes_streaming_<bits>

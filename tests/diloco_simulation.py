@@ -121,8 +121,14 @@ def streaming(
     block: int,
     lr: float,
     momentum: float,
+    val_every: int | None = None,
+    poison: tuple[int, int] | None = None,
 ) -> dict:
-    """Workers and θ after ``steps`` steps of Streaming DiLoCo (the fragments in flight at the end landed)."""
+    """Workers, θ and the validation losses of θ (every ``val_every`` steps) after ``steps`` steps of Streaming
+    DiLoCo (the fragments in flight at the end landed).
+
+    ``poison=(rank, step)`` as for :func:`diloco`: a worker diverged when its fragment leaves sends nothing usable,
+    is left out of that fragment's average, and is reset to the whole of θ when the fragment lands."""
     workers = sim.make_workers(world_size)
     names = floating_names(workers[0].net)
     parameters = {n for n, _ in workers[0].net.named_parameters()}
@@ -130,36 +136,44 @@ def streaming(
     groups = split(names, {n: init[n].numel() for n in names}, fragments)
     theta = {n: init[n].clone() for n in names}
     outers = [NesterovSGD(lr, momentum) for _ in groups]
-    in_flight: list[tuple[int, int, Tensor]] = []  # (fragment, due step, mean of the decoded pseudo-gradients)
+    in_flight: list[tuple[int, int, Tensor, list[bool]]] = []  # fragment, due step, mean, who was left out
+    vals = []
 
     def flat(state: dict[str, Tensor], group: list[str]) -> Tensor:
         return torch.cat([state[n].reshape(-1) for n in group])
 
     @torch.no_grad()
-    def land(f: int, mean: Tensor) -> None:
+    def land(f: int, mean: Tensor, left_out: list[bool]) -> None:
         group = groups[f]
         chunks = dict(zip(group, mean.split([theta[n].numel() for n in group])))
         delta = {n: chunks[n].view_as(theta[n]) for n in group}
         part = {n: theta[n] for n in group}
         outers[f].step(part, delta, parameters)
         theta.update(part)
-        for worker in workers:
+        for worker, bad in zip(workers, left_out):
             state = worker.net.state_dict()
-            worker.net.load_state_dict({**state, **{n: alpha * state[n] + (1 - alpha) * theta[n] for n in group}})
+            if bad:
+                worker.reset_to({**state, **theta})
+            else:
+                worker.net.load_state_dict({**state, **{n: alpha * state[n] + (1 - alpha) * theta[n] for n in group}})
 
     for step in range(1, steps + 1):
-        for worker in workers:
-            sim.local_step(worker)
+        for rank, worker in enumerate(workers):
+            sim.local_step(worker, poison=(rank, step) == poison)
         for f in range(fragments):
             if step % tau == f * tau // fragments:
+                left_out = [w.diverged(10) for w in workers]
                 decoded = [
                     fake_quantize(flat(theta, groups[f]) - flat(w.net.state_dict(), groups[f]).detach(), bits, block)
-                    for w in workers
+                    for w, bad in zip(workers, left_out)
+                    if not bad
                 ]
-                in_flight.append((f, step + overlap, sum(decoded[1:], decoded[0]) / world_size))
+                in_flight.append((f, step + overlap, sum(decoded[1:], decoded[0]) / len(decoded), left_out))
         for item in [item for item in in_flight if item[1] <= step]:
             in_flight.remove(item)
-            land(item[0], item[2])
-    for f, _, mean in in_flight:
-        land(f, mean)
-    return {"workers": workers, "theta": theta, "groups": groups}
+            land(item[0], item[2], item[3])
+        if val_every and step % val_every == 0:
+            vals.append(sim.val_loss({**workers[0].net.state_dict(), **theta}, world_size))
+    for f, _, mean, left_out in in_flight:
+        land(f, mean, left_out)
+    return {"workers": workers, "theta": theta, "groups": groups, "vals": vals}

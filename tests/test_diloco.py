@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ from lsgd_lightning.core.fragments import split_tensors
 from lsgd_lightning.core.outer import OuterModel
 from lsgd_lightning.core.quantize import Quantized, dequantize, error_bound, payload_bytes, quantize
 from tests import diloco_simulation as dsim
+from tests import models
 from tests import simulation as sim
 from tests.diloco_scenarios import DILOCO, STREAMING, run_diloco_scenarios
 from tests.multiproc import run_workers
@@ -34,6 +36,8 @@ SCENARIOS = [
     "diloco_resume",
     "bytes_diloco",
     "streaming",
+    "streaming_diverge",
+    "streaming_eval",
     "streaming_resume",
     "bytes_streaming_8",
     "bytes_streaming_4",
@@ -137,6 +141,23 @@ def test_bad_diloco_settings_are_refused(kwargs: dict[str, Any], match: str) -> 
 def test_bad_streaming_settings_are_refused(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         StreamingDiLoCoStrategy(**kwargs)
+
+
+def test_more_fragments_than_tensors_is_refused_when_training_starts() -> None:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=StreamingDiLoCoStrategy(tau=8, fragments=6, overlap_steps=1),
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(
+        ValueError, match=r"fragments \(6\) must be at most the model's number of floating-point tensors \(5\)"
+    ):
+        trainer.fit(models.Regressor(), models.train_loader(1))
 
 
 def test_custom_outer_optimizer_factory_is_used() -> None:
@@ -250,7 +271,7 @@ def test_diloco_sends_4d_bytes_per_tau_steps(job: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Streaming DiLoCo
 # ----------------------------------------------------------------------------------------------------------------
-def _streaming_sim(**overrides: Any) -> dict[str, Any]:
+def _streaming_sim(val_every: int | None = None, poison: tuple[int, int] | None = None, **overrides: Any) -> dict:
     s = {**STREAMING, **overrides}
     return dsim.streaming(
         WORLD,
@@ -263,6 +284,8 @@ def _streaming_sim(**overrides: Any) -> dict[str, Any]:
         s["quantize_block"],
         s["outer_lr"],
         s["outer_momentum"],
+        val_every,
+        poison,
     )
 
 
@@ -271,6 +294,21 @@ def test_streaming_matches_its_simulation(job: Path) -> None:
     assert expected["groups"] == [["body.0.weight"], ["body.0.bias", "body.2.weight"], ["body.2.bias", "input_mean"]]
     for rank, result in enumerate(results(job, "streaming")):
         assert_close(result["state"], expected["workers"][rank].net.state_dict(), f"rank {rank}")
+
+
+def test_streaming_leaves_a_diverged_worker_out_of_a_fragment_and_resets_it(job: Path) -> None:
+    expected = _streaming_sim(poison=(1, 5))
+    assert all(bool(torch.isfinite(v).all()) for v in expected["theta"].values())
+    for rank, result in enumerate(results(job, "streaming_diverge")):
+        assert_close(result["state"], expected["workers"][rank].net.state_dict(), f"rank {rank}")
+        assert any("rank 1 diverged" in w for w in result["warnings"]) == (rank == 1)
+
+
+def test_streaming_validates_theta_without_the_fragments_in_flight(job: Path) -> None:
+    expected = _streaming_sim(val_every=3)
+    for rank, result in enumerate(results(job, "streaming_eval")):
+        assert result["val"] == pytest.approx(expected["vals"], rel=1e-5)
+        assert_close(result["state"], expected["workers"][rank].net.state_dict(), f"rank {rank} after validations")
 
 
 def test_streaming_simulation_would_notice_a_wrong_mix_or_overlap() -> None:

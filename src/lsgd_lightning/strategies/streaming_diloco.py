@@ -134,6 +134,11 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         assert self.lightning_module is not None
         parameters = {name for name, _ in self.lightning_module.named_parameters()}
         named = [(n, t) for b in self.layout.floating_buckets for n, t in zip(b.names, b.tensors)]
+        if self.fragments > len(named):
+            raise ValueError(
+                f"fragments ({self.fragments}) must be at most the model's number of floating-point tensors "
+                f"({len(named)}): a fragment is made of whole tensors."
+            )
         self._fragments = []
         for group in split_tensors([t.numel() for _, t in named], self.fragments):
             names, tensors = [named[i][0] for i in group], [named[i][1] for i in group]
