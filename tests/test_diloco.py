@@ -23,7 +23,7 @@ from tests import diloco_simulation as dsim
 from tests import models
 from tests import simulation as sim
 from tests.diloco_scenarios import DILOCO, STREAMING, run_diloco_scenarios
-from tests.multiproc import run_workers
+from tests.multiproc import rank_results, scenario_job
 from tests.scenarios import STEPS
 
 WORLD = 4
@@ -168,15 +168,11 @@ def test_custom_outer_optimizer_factory_is_used() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # 4 workers against the simulation
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("diloco")
-    run_workers(run_diloco_scenarios, WORLD, (str(out), SCENARIOS), errdir=out / "errors", timeout_s=600)
-    return out
+job = scenario_job("diloco", run_diloco_scenarios, WORLD, SCENARIOS, timeout_s=600)
 
 
 def results(job: Path, name: str) -> list[dict[str, Any]]:
-    return [torch.load(job / name / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return rank_results(job, name, WORLD)
 
 
 def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
