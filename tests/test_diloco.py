@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from lsgd_lightning import DiLoCoStrategy, StreamingDiLoCoStrategy
-from lsgd_lightning.core.fragments import split_tensors
+from lsgd_lightning.core.flat import FlatLayout
+from lsgd_lightning.core.fragments import Fragment, split_tensors
 from lsgd_lightning.core.outer import OuterModel
 from lsgd_lightning.core.quantize import Quantized, dequantize, error_bound, payload_bytes, quantize
 from tests import diloco_simulation as dsim
@@ -75,6 +76,20 @@ def test_outer_model_state_round_trips_and_refuses_another_shape() -> None:
 def test_outer_optimizer_must_be_an_optimizer() -> None:
     with pytest.raises(ValueError, match="outer_optimizer must return a torch.optim.Optimizer"):
         OuterModel([torch.zeros(2)], [torch.ones(2, dtype=torch.bool)], lambda params: object())  # type: ignore[arg-type]
+
+
+def test_theta_and_fragments_are_float32_masters_of_a_half_precision_model() -> None:
+    module = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    layout = FlatLayout(module, bucket_cap_bytes=1 << 20)
+    outer = OuterModel(layout.masters(), layout.parameter_masks(module), functools.partial(torch.optim.SGD, lr=1.0))
+    before = outer.flats[0].clone()
+    assert before.dtype == torch.float32
+    outer.step([torch.full_like(before, -(2**-12))])  # θ ← θ + 2^-12: below bfloat16's resolution near 1
+    assert torch.equal(outer.flats[0], before + 2**-12)
+    fragment = Fragment(["weight"], [module.weight], torch.ones(6, dtype=torch.bool))
+    assert fragment.pack().dtype == torch.float32
+    fragment.unpack(torch.arange(6, dtype=torch.float32))  # written back once, in the model's dtype
+    assert module.weight.dtype == torch.bfloat16 and module.weight.flatten().tolist() == [0, 1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("bits", [8, 4])
