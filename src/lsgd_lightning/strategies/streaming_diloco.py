@@ -23,10 +23,10 @@ as for every all-gather of the package. Every fragment once per ``tau`` steps: P
 On the wire a ring all-gather moves (P − 1)/P of that buffer per worker and a ring all-reduce 2(P − 1)/P of its
 buffer, so per worker and fragment int8 moves (P − 1)·1.0625·d_f bytes against 2(P − 1)·4·d_f/P for a float32
 all-reduce: 3.8x less at P = 2, 1.9x less at P = 4, but more from P = 8 on (4 bits: less up to P = 14), since
-every worker receives all P payloads. Why codes and an
-all-gather rather than a bf16 all-reduce: a bf16 all-reduce would sum in bf16 inside the backend (8 bits of mantissa,
-rounding at every hop, a result that depends on the reduction order), while decoding every worker's payload and
-summing in float32, in rank order, gives every worker the same Δ bit for bit, as the paper's float32 accumulation.
+every worker receives all P payloads. Why codes and an all-gather rather than a bf16 all-reduce: a bf16 all-reduce
+would sum in bf16 inside the backend (8 bits of mantissa, rounding at every hop, a result that depends on the
+reduction order), while decoding every worker's payload and summing in float32, in rank order, gives every worker
+the same Δ bit for bit, as the paper's float32 accumulation.
 
 Evaluation, checkpoints and teardown wait for the transfers in flight first (evaluation and the main checkpoint file
 use θ); a shard keeps the arrived payloads and their due steps, so a resume is exact. Fragments in flight when ``fit``
