@@ -31,7 +31,9 @@ pipeline along a chain starting at the leader, so its link carries one copy) and
 (``overlap_steps=tau // 2``: the leader's weights travel as asynchronous broadcasts (the tree: the chain cannot run in
 the background) while the workers keep training, and the pull is applied ``tau // 2`` steps later, toward weights
 that are then ``tau // 2`` steps old: a different algorithm whose accuracy is not measured here). The epoch time of
-``lsgd-overlap`` includes waiting for the last round's transfer.
+``lsgd-overlap`` includes waiting for the last round's transfer. ``diloco`` (an all-reduce of the pseudo-gradients
+every ``--tau`` steps) and ``streaming_diloco`` (min(4, tau) fragments at staggered steps, int8 codes all-gathered,
+each outer step one step after its all-gather was posted) are the DiLoCo strategies at the same ``--tau``.
 
 Writes ``netcluster.json`` (every node's record of every job; not committed), ``netcluster.csv`` (the medians per
 rate and configuration) and ``meta.json`` (how it was run), then from the last two ``netcluster.md`` and
@@ -70,7 +72,13 @@ from netns import (
 
 
 def _strategy(spec: dict[str, Any]) -> Any:
-    from lsgd_lightning import DataParallelStrategy, EASGDStrategy, LSGDStrategy
+    from lsgd_lightning import (
+        DataParallelStrategy,
+        DiLoCoStrategy,
+        EASGDStrategy,
+        LSGDStrategy,
+        StreamingDiLoCoStrategy,
+    )
 
     timeout = timedelta(seconds=spec["timeout"])
     name, tau = spec["config"], spec["tau"]
@@ -82,6 +90,13 @@ def _strategy(spec: dict[str, Any]) -> Any:
         return EASGDStrategy(tau=tau, final_sync=False, timeout=timeout)
     if name == "dataparallel":
         return DataParallelStrategy(timeout=timeout)
+    if name == "diloco":
+        return DiLoCoStrategy(tau=tau, final_sync=False, timeout=timeout)
+    if name == "streaming_diloco":  # 4 fragments (at most tau), each outer step 1 step after its all-gather
+        fragments, overlap = min(4, tau), min(1, tau - 1)
+        return StreamingDiLoCoStrategy(
+            tau=tau, fragments=fragments, overlap_steps=overlap, final_sync=False, timeout=timeout
+        )
     if name == "lsgd-overlap":
         return LSGDStrategy(tau=tau, final_sync=False, timeout=timeout, overlap_steps=tau // 2)
     return LSGDStrategy(tau=tau, final_sync=False, timeout=timeout, leader_broadcast="chain")

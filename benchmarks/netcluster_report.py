@@ -14,7 +14,7 @@ from typing import Any
 from driver import read_rows, stored_args
 from report import Target, bars, document, markdown_table, plot, verdict_table
 
-CONFIGS = ("floor", "lsgd", "easgd", "dataparallel", "lsgd-chain", "lsgd-overlap")
+CONFIGS = ("floor", "lsgd", "easgd", "dataparallel", "lsgd-chain", "lsgd-overlap", "diloco", "streaming_diloco")
 LSGD_CONFIGS = ("lsgd", "lsgd-chain", "lsgd-overlap")
 FLOOR_TARGET = Target("epoch time within 1.2x of the no-communication floor", 1.2)
 SPEEDUP_TARGET = Target("at least 5x faster per epoch than DataParallel", 5.0, at_least=True)

@@ -7,7 +7,8 @@
 
 What is measured. For each worker count P, one job of P local processes (launched like ``torchrun`` would, so
 Lightning sees an external launch) trains every configuration in turn on the same process group: the *floor*
-(each worker alone: LSGD with no round ever due, so no communication at all), LSGD and EASGD at each tau,
+(each worker alone: LSGD with no round ever due, so no communication at all), LSGD, EASGD, DiLoCo and Streaming
+DiLoCo (4 fragments, capped at tau; outer step 1 step after its all-gather, 0 at tau = 1; int8 codes) at each tau,
 DataParallel, Lightning's own ``"ddp"``, and the strategies that communicate after every step: D-PSGD on the ring and
 on the exponential (one shifting peer) topology, D² (its default lazy ring), AD-PSGD (ring) and Signum (``--strategies``
 picks a subset; the floor always runs). Each run is a fresh ``Trainer.fit`` of ``--warmup + --steps`` optimizer
@@ -31,7 +32,9 @@ one-off start-up costs), so drift on a noisy, shared machine hits them all alike
   and D² 4·d' per neighbour, i.e. 8·d' (with P = 2 both ring neighbours are the same worker, which is sent to
   once: 4·d'); D-PSGD's exponential topology 4·d' (one peer); AD-PSGD 4·d' for rank 0 (an active worker sends to
   its one partner; a passive one serving several actives would send more). Signum all-gathers the packed signs of
-  the d parameters: 4·ceil(d/32) bytes (about d/8).
+  the d parameters: 4·ceil(d/32) bytes (about d/8). DiLoCo all-reduces its pseudo-gradients: 4·d'/tau. Streaming
+  DiLoCo all-gathers each fragment's int8 codes and float32 scales (one per 64 values) once per tau:
+  P·Σ_f (d_f + 4·ceil(d_f/64))/tau, the fragments cut from the model's tensors as the strategy cuts them.
 - Optimizer: the model's SGD (lr 0.05, Nesterov momentum 0.9, weight decay 1e-4) everywhere except where a strategy
   refuses it: D² runs with momentum 0 and Signum without Nesterov (see ``OPTIMIZERS``). One SGD step costs the same
   either way up to an O(d) momentum update, far below a forward/backward pass.
@@ -69,6 +72,8 @@ STRATEGY_CLASSES = {
     "d2": lsgd.D2Strategy,
     "adpsgd": lsgd.ADPSGDStrategy,
     "signum": lsgd.SignumStrategy,
+    "diloco": lsgd.DiLoCoStrategy,
+    "streaming_diloco": lsgd.StreamingDiLoCoStrategy,
 }
 
 
@@ -80,6 +85,10 @@ def make_strategy(config: Config, timeout_s: float) -> pl.strategies.Strategy:
         return pl.strategies.DDPStrategy(timeout=timeout)
     options = {"floor": {"tau": NO_ROUND}, "lsgd": {"tau": config.tau}, "easgd": {"tau": config.tau}}
     options["dpsgd"] = {"topology": config.topology}
+    if config.name == "diloco":
+        options["diloco"] = {"tau": config.tau}
+    if config.name == "streaming_diloco":
+        options["streaming_diloco"] = {"tau": config.tau, **config.streaming}
     return STRATEGY_CLASSES[config.name](final_sync=False, timeout=timeout, **options.get(config.name, {}))
 
 
@@ -87,10 +96,12 @@ def model_size(arch: str, image_size: int) -> ModelSize:
     model = ImageClassifier(arch=arch, image_size=image_size)
     params = sum(p.numel() for p in model.parameters())
     buffers = list(model.buffers())
+    floating = [p.numel() for p in model.parameters()] + [b.numel() for b in buffers if b.is_floating_point()]
     return ModelSize(
         params=params,
         float_state=params + sum(b.numel() for b in buffers if b.is_floating_point()),
         int_bytes=sum(b.numel() * b.element_size() for b in buffers if not b.is_floating_point()),
+        float_sizes=tuple(floating),
     )
 
 

@@ -15,19 +15,32 @@ from pathlib import Path
 from typing import Any
 
 from driver import read_rows, stored_args
+from lsgd_lightning.core.fragments import split_tensors
+from lsgd_lightning.core.quantize import payload_bytes
 from report import Target, bars, document, markdown_table, plot, verdict_table
 
 TOLERANCE = 0.05
 LSGD_TARGET = Target("LSGD tau=16 step time within 5% of the no-communication floor", 1 + TOLERANCE)
 DATAPARALLEL_TARGET = Target("DataParallel step time within 5% of Lightning's ddp", 1 + TOLERANCE)
 BYTES_TARGET = Target("bytes/step match the formulas", 0)  # judged on the number of mismatches
-STRATEGIES = ("lsgd", "easgd", "dataparallel", "ddp", "dpsgd", "d2", "adpsgd", "signum")  # besides the floor
+STRATEGIES = ("lsgd", "easgd", "dataparallel", "ddp", "dpsgd", "d2", "adpsgd", "signum", "diloco", "streaming_diloco")
+PER_TAU = ("lsgd", "easgd", "diloco", "streaming_diloco")  # one configuration per tau
 DPSGD_TOPOLOGIES = ("ring", "exponential")
 FORMULAS = (
     "DataParallel and ddp 4·d; EASGD 4·d'/tau; LSGD (4·d' + integer-buffer bytes + 4·P)/tau; D-PSGD ring and D² "
     "(lazy ring) 4·d' per distinct neighbour (8·d', or 4·d' with P = 2); D-PSGD exponential and AD-PSGD 4·d' (one "
     "peer); Signum 4·ceil(d/32) (packed signs)"
 )
+# Streaming DiLoCo's settings here (fragments and overlap capped by tau: F <= tau, k < tau) and its formula.
+STREAMING = {"fragments": 4, "overlap_steps": 1, "quantize_bits": 8, "quantize_block": 64}
+DILOCO_FORMULAS = {
+    "diloco": "DiLoCo 4·d'/tau (one all-reduce of the pseudo-gradients)",
+    "streaming_diloco": (
+        f"Streaming DiLoCo P·Σ_f (ceil(d_f·{STREAMING['quantize_bits']}/8) + 4·ceil(d_f/"
+        f"{STREAMING['quantize_block']}))/tau over its min({STREAMING['fragments']}, tau) fragments of d_f values "
+        "(an all-gather of every worker's int8 codes and float32 block scales: the receive buffer)"
+    ),
+}
 RING_SENDERS = ("dpsgd", "d2")  # send to every ring neighbour (D² always runs on its default lazy ring)
 
 # ImageClassifier's SGD settings where a strategy refuses the default (lr 0.05, Nesterov momentum 0.9), and why.
@@ -39,7 +52,7 @@ OPTIMIZERS: dict[str, tuple[dict[str, Any], str]] = {
 
 @dataclass(frozen=True)
 class Config:
-    name: str  # floor | lsgd | easgd | dataparallel | ddp | dpsgd | d2 | adpsgd | signum
+    name: str  # floor | lsgd | easgd | dataparallel | ddp | dpsgd | d2 | adpsgd | signum | diloco | streaming_diloco
     tau: int | None = None
     topology: str | None = None  # dpsgd: ring | exponential
 
@@ -47,6 +60,14 @@ class Config:
     def optimizer(self) -> dict[str, Any]:
         """ImageClassifier keyword arguments that replace the default SGD settings for this configuration."""
         return OPTIMIZERS.get(self.name, ({}, ""))[0]
+
+    @property
+    def streaming(self) -> dict[str, int]:
+        """Streaming DiLoCo's settings at this tau."""
+        assert self.tau is not None
+        capped = {"fragments": min(STREAMING["fragments"], self.tau)}
+        capped["overlap_steps"] = min(STREAMING["overlap_steps"], self.tau - 1)
+        return {**STREAMING, **capped}
 
     @property
     def label(self) -> str:
@@ -61,7 +82,7 @@ def configs(taus: list[int], strategies: Sequence[str] = STRATEGIES) -> list[Con
     for name in STRATEGIES:
         if name not in strategies:
             continue
-        if name in ("lsgd", "easgd"):
+        if name in PER_TAU:
             plan += [Config(name, t) for t in taus]
         elif name == "dpsgd":
             plan += [Config(name, topology=t) for t in DPSGD_TOPOLOGIES]
@@ -72,11 +93,14 @@ def configs(taus: list[int], strategies: Sequence[str] = STRATEGIES) -> list[Con
 
 @dataclass(frozen=True)
 class ModelSize:
-    """What one replica sends: d parameters, d' = d + floating buffers, and the bytes of its integer buffers."""
+    """What one replica sends: d parameters, d' = d + floating buffers, and the bytes of its integer buffers;
+    ``float_sizes``: the sizes of its floating-point tensors in the strategies' layout order (parameters, then
+    floating buffers), which Streaming DiLoCo's fragments are cut from."""
 
     params: int
     float_state: int
     int_bytes: int
+    float_sizes: tuple[int, ...] = ()
 
     def formula_bytes_per_step(self, config: Config, world_size: int) -> float:
         """Rank 0's payload per step (see overhead.py's docstring)."""
@@ -92,8 +116,14 @@ class ModelSize:
         if config.name in ("dpsgd", "adpsgd"):
             return 4.0 * self.float_state if world_size > 1 else 0.0  # one peer per step
         assert config.tau is not None
-        if config.name == "easgd":
+        if config.name in ("easgd", "diloco"):
             return 4.0 * self.float_state / config.tau
+        if config.name == "streaming_diloco":
+            settings = config.streaming
+            groups = split_tensors(list(self.float_sizes), settings["fragments"])
+            sizes = [sum(self.float_sizes[i] for i in group) for group in groups]
+            bits, block = settings["quantize_bits"], settings["quantize_block"]
+            return world_size * sum(payload_bytes(size, bits, block) for size in sizes) / config.tau
         return (4.0 * self.float_state + self.int_bytes + 4.0 * world_size) / config.tau
 
 
@@ -225,12 +255,15 @@ def _settings(args: argparse.Namespace) -> str:
         "(max(1, threads // P) each)\n"
         "- optimizer: SGD lr 0.05, Nesterov momentum 0.9, weight decay 1e-4 (the model's default)"
         + (f"; changed where a strategy refuses it: {optimizers}" if optimizers else "")
-        + f"\n- formulas (rank 0's payload per step): {FORMULAS}\n\n"
+        + f"\n- formulas (rank 0's payload per step): {FORMULAS}"
+        + "".join(f"; {text}" for name, text in DILOCO_FORMULAS.items() if name in args.strategies)
+        + "\n\n"
     )
 
 
 COLORS = {"floor": "tab:gray", "lsgd": "tab:green", "easgd": "tab:orange", "dpsgd": "tab:blue", "d2": "tab:purple"}
 COLORS |= {"adpsgd": "tab:cyan", "signum": "tab:brown"}  # DataParallel and ddp: red
+COLORS |= {"diloco": "tab:olive", "streaming_diloco": "tab:pink"}
 
 
 def _draw(axes: Any, groups: dict[str, dict[str, Measured]]) -> None:

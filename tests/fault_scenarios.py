@@ -49,8 +49,15 @@ STRATEGIES: dict[str, tuple[type, dict[str, Any], type]] = {
     "lsgd_async": (lsgd_lightning.AsyncLSGDStrategy, {"tau": 2}, models.Regressor),
     "easgd_async": (lsgd_lightning.AsyncEASGDStrategy, {"tau": 2}, models.Regressor),
     "downpour": (lsgd_lightning.DownpourStrategy, {"tau": 2}, models.Regressor),
+    "diloco": (lsgd_lightning.DiLoCoStrategy, {"tau": 2}, models.Regressor),
+    "streaming_diloco": (
+        lsgd_lightning.StreamingDiLoCoStrategy,
+        {"tau": 4, "fragments": 2, "overlap_steps": 1},  # a fragment in flight at every odd step
+        models.Regressor,
+    ),
 }
 CHECKPOINT_EVAL = ("lsgd", "lsgd_local", "easgd", "dpsgd", "lsgd_async", "easgd_async", "downpour")
+CHECKPOINT_EVAL += ("diloco", "streaming_diloco")
 
 
 def make(name: str, **overrides: Any) -> tuple[pl.strategies.Strategy, type]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
@@ -46,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 GROUPS = {
     "strategy": {
         *("lsgd", "lsgd_multi", "easgd", "dataparallel", "dpsgd", "d2", "adpsgd", "signum"),
-        *("lsgd_async", "easgd_async", "downpour", "katyusha_x"),
+        *("lsgd_async", "easgd_async", "downpour", "katyusha_x", "diloco", "streaming_diloco"),
     },
     "model": {"cnn7", "vgg16", "resnet20", "resnet50"},
     "data": {"mnist5k", "cifar10", "imagefolder"},
@@ -67,6 +68,8 @@ STRATEGY_CLASSES = {
     "easgd_async": lsgd_lightning.AsyncEASGDStrategy,
     "downpour": lsgd_lightning.DownpourStrategy,
     "katyusha_x": lsgd_lightning.KatyushaXStrategy,
+    "diloco": lsgd_lightning.DiLoCoStrategy,
+    "streaming_diloco": lsgd_lightning.StreamingDiLoCoStrategy,
 }
 
 
@@ -178,6 +181,13 @@ def test_lsgd_multi_config_refuses_overshooting_simultaneous_pulls() -> None:
     overrides = ["strategy.pull_order=simultaneous", "strategy.pull_strength=0.6", "strategy.local_pull_strength=0.6"]
     with pytest.raises(ConfigError, match=r"pull_order='simultaneous' needs local_pull_strength \+ pull_strength"):
         build_strategy(load("strategy=lsgd_multi", *overrides))
+
+
+def test_diloco_outer_optimizer_from_hydra_partial() -> None:
+    cfg = load("strategy=diloco", "strategy.outer_optimizer={_target_:torch.optim.Adam,_partial_:true,lr:0.001}")
+    strategy = build_strategy(cfg)
+    optimizer = strategy._outer_factory([torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["lr"] == 0.001
 
 
 @pytest.mark.parametrize("data", ["mnist5k", "cifar10"])

@@ -57,15 +57,18 @@ def test_overhead_runs_and_bytes_match_the_formulas(tmp_path: Path) -> None:
         assert f"| {label} |" in text
     # Everything but "ddp" is metered; bytes per step are exact, whatever the timing noise. CNN7 has no buffers,
     # d' = d: with P = 2 every gossip strategy sends its 4·d bytes to the one other worker, Signum 4·ceil(d/32).
-    assert "| cnn7, P=2: bytes/step match the formulas | 9/9 metered configurations exact | met |" in text
+    assert "| cnn7, P=2: bytes/step match the formulas | 11/11 metered configurations exact | met |" in text
+    for label in ("diloco tau=2", "streaming_diloco tau=2"):
+        assert re.search(rf"\| {label} \|.*\| yes \|", text), label
     d = 351_946
+    assert re.search(rf"\| diloco tau=2 \|.*\| {4 * d // 2:,} \| {4 * d // 2:,} \| yes \|", text)
     for label in ("dpsgd ring", "dpsgd exponential", "d2", "adpsgd"):
         assert re.search(rf"\| {label} \|.*\| {4 * d:,} \| {4 * d:,} \| yes \|", text), label
     assert re.search(rf"\| signum \|.*\| {4 * -(-d // 32):,} \| {4 * -(-d // 32):,} \| yes \|", text)
     assert "d2: momentum=0.0, nesterov=False" in text  # the optimizer each strategy needs, said in the report
     assert "- command: `python benchmarks/overhead.py --models cnn7" in text
     assert (tmp_path / "overhead.png").stat().st_size > 0
-    assert len((tmp_path / "overhead.csv").read_text().splitlines()) == 1 + 10
+    assert len((tmp_path / "overhead.csv").read_text().splitlines()) == 1 + 12
 
 
 def _tiny_image_folder(root: Path) -> None:

@@ -206,6 +206,31 @@ def test_squared_distance_in_float64() -> None:
     assert rules.squared_distance(T([1.0]), T([2.0])).dtype == torch.float64
 
 
+def test_diloco_pseudo_gradient_is_global_minus_local() -> None:
+    assert rules.pseudo_gradient(T([1.0, 2.0]), T([0.5, 3.0])).tolist() == [0.5, -1.0]
+
+
+def test_diloco_outer_gradient_and_buffers_split_parameters_from_floating_buffers() -> None:
+    delta, mask = T([0.5, -1.0, 0.25]), torch.tensor([True, False, True])
+    assert rules.outer_gradient(delta, mask).tolist() == [0.5, 0.0, 0.25]
+    # parameters take the optimizer's result, buffers theta - delta = the workers' average (2 - (-1) = 3)
+    stepped, before = T([9.0, 7.0, 8.0]), T([1.0, 2.0, 3.0])
+    assert rules.outer_buffers(stepped, before, delta, mask).tolist() == [9.0, 3.0, 8.0]
+
+
+def test_streaming_mix_weighs_local_by_alpha() -> None:
+    local, outer = T([4.0, 0.0]), T([0.0, 2.0])
+    assert rules.streaming_mix(local, outer, 0.25).tolist() == [1.0, 1.5]  # 0.25 * local + 0.75 * outer
+    assert rules.streaming_mix(local, outer, 0.0).tolist() == outer.tolist()
+    assert rules.streaming_mix(local, outer, 1.0).tolist() == local.tolist()
+
+
+def test_fragment_offsets_are_staggered_over_tau() -> None:
+    assert rules.fragment_offsets(12, 4) == [0, 3, 6, 9]
+    assert rules.fragment_offsets(10, 3) == [0, 3, 6]
+    assert rules.fragment_offsets(5, 1) == [0]
+
+
 def test_the_core_layer_imports_no_lightning() -> None:
     code = (
         "import sys, importlib, pkgutil, lsgd_lightning.core as core\n"

@@ -15,6 +15,8 @@
 ``"adpsgd"``              asynchronous-style pairwise gossip, AD-PSGD (:class:`ADPSGDStrategy`)
 ``"signum"``              Signum / signSGD with 1-bit majority vote (:class:`SignumStrategy`)
 ``"katyusha_x"``          Katyusha X, variance-reduced data-parallel SGD (:class:`KatyushaXStrategy`)
+``"diloco"``              DiLoCo, local steps and an outer Nesterov step every tau (:class:`DiLoCoStrategy`)
+``"streaming_diloco"``    Streaming DiLoCo, fragments, overlap, 8/4-bit (:class:`StreamingDiLoCoStrategy`)
 ========================  ==================================================================
 
 Each name also exists with a ``_spawn`` suffix for the spawn launcher (notebooks, ``python -c`` with an importable

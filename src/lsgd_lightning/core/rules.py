@@ -266,3 +266,45 @@ def theory_tau(epoch_length: int, lr: float, sigma: float) -> float:
 def squared_distance(a: Tensor, b: Tensor) -> Tensor:
     """``||a - b||²`` in float64 (a 0-d tensor), for the ``*/dist_to_*`` metrics."""
     return (a.double() - b.double()).square().sum()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# DiLoCo (Douillard et al. 2023, arXiv:2311.08105) and Streaming DiLoCo (Douillard et al. 2025, arXiv:2501.18512)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def pseudo_gradient(outer: Tensor, x: Tensor) -> Tensor:
+    """One worker's outer gradient (DiLoCo, Algorithm 1, line 8): ``θ - θ_i``, the global model minus its replica.
+
+    The averaged ``Δ = (1/P) Σ_i (θ - θ_i)`` is the gradient the outer optimizer steps θ with; ``outer`` and ``x``
+    are float32 masters of the same shape.
+    """
+    return outer - x
+
+
+def outer_gradient(delta: Tensor, is_parameter: Tensor) -> Tensor:
+    """The ``.grad`` handed to the outer optimizer: ``Δ`` on parameters, 0 on floating buffers (``is_parameter``
+    bool, same shape), which take the workers' average instead (:func:`outer_buffers`)."""
+    return torch.where(is_parameter, delta, torch.zeros_like(delta))
+
+
+def outer_buffers(stepped: Tensor, before: Tensor, delta: Tensor, is_parameter: Tensor) -> Tensor:
+    """θ after an outer round: the optimizer's result ``stepped`` on parameters, the workers' average
+    ``θ - Δ = mean_i θ_i`` on floating buffers (BatchNorm statistics are averaged, never optimized)."""
+    return torch.where(is_parameter, stepped, before - delta)
+
+
+def streaming_mix(local: Tensor, outer: Tensor, alpha: float) -> Tensor:
+    """Streaming DiLoCo's merge after an overlapped outer step (Sec. 2.3): ``α θ_local + (1 - α) θ``.
+
+    ``local`` is the worker's fragment as it is when the delayed outer step lands (it kept training), ``outer`` the
+    fragment's new global value; α = 0 takes the global value (the overlap's local steps are lost), α = 1 keeps the
+    local one (the outer step is ignored). The paper finds α = 0.5 best.
+    """
+    return torch.lerp(outer, local, alpha)
+
+
+def fragment_offsets(tau: int, fragments: int) -> list[int]:
+    """Streaming DiLoCo's staggered schedule: fragment f is synchronized after steps t with t ≡ ⌊f τ / F⌋ (mod τ)
+    (fragment 0 at multiples of τ); distinct for F <= τ."""
+    return [f * tau // fragments for f in range(fragments)]

@@ -19,8 +19,25 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+class InFlight:
+    """Asynchronous collectives posted from the training thread (``_works``), waited for from it too."""
+
+    _works: list[Any]
+
+    @property
+    def arrived(self) -> bool:
+        """Whether :meth:`wait` has returned (nothing left in flight)."""
+        return not self._works
+
+    def wait(self) -> None:
+        """Block until the transfer has arrived (on NCCL a CUDA stream dependency). Raises the transfer's error."""
+        works, self._works = self._works, []
+        for work in works:
+            work.wait()
+
+
 @dataclass
-class InFlightRound:
+class InFlightRound(InFlight):
     """An overlapped LSGD round: the leader's weights at the round's step, travelling or arrived.
 
     Attributes:
@@ -42,17 +59,6 @@ class InFlightRound:
         """Post the broadcasts of ``flats`` from ``leader`` on ``group`` (every rank of the group calls this)."""
         works = [dist.broadcast(flat, src=leader, group=group, async_op=True) for flat in flats]
         return cls(list(flats), leader, due, reset, works)
-
-    @property
-    def arrived(self) -> bool:
-        """Whether :meth:`wait` has returned (nothing left in flight)."""
-        return not self._works
-
-    def wait(self) -> None:
-        """Block until the weights have arrived (a CUDA stream dependency on NCCL). Raises the transfer's error."""
-        works, self._works = self._works, []
-        for work in works:
-            work.wait()
 
     def state_dict(self) -> dict[str, Any]:
         """The arrived round, on CPU, for a checkpoint shard (waits for the transfer first)."""

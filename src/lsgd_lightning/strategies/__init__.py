@@ -11,6 +11,7 @@ from .asynchronous import AsynchronousStrategy
 from .base import ReplicaStrategy
 from .d2 import D2Strategy
 from .dataparallel import DataParallelStrategy
+from .diloco import DiLoCoStrategy
 from .downpour import DownpourStrategy
 from .dpsgd import DPSGDStrategy
 from .easgd import EASGDStrategy
@@ -22,6 +23,7 @@ from .lsgd_async import AsyncLSGDStrategy
 from .lsgd_multi import MultiLeaderLSGDStrategy
 from .periodic import PeriodicStrategy
 from .signum import SignumStrategy
+from .streaming_diloco import StreamingDiLoCoStrategy
 from .supervised import SupervisedStrategy
 
 STRATEGIES = (
@@ -37,6 +39,8 @@ STRATEGIES = (
     AsyncEASGDStrategy,
     DownpourStrategy,
     KatyushaXStrategy,
+    DiLoCoStrategy,
+    StreamingDiLoCoStrategy,
 )
 
 for _strategy in STRATEGIES:
@@ -51,6 +55,7 @@ __all__ = [
     "D2Strategy",
     "DPSGDStrategy",
     "DataParallelStrategy",
+    "DiLoCoStrategy",
     "DownpourStrategy",
     "EASGDStrategy",
     "EveryStepStrategy",
@@ -60,5 +65,6 @@ __all__ = [
     "PeriodicStrategy",
     "ReplicaStrategy",
     "SignumStrategy",
+    "StreamingDiLoCoStrategy",
     "SupervisedStrategy",
 ]

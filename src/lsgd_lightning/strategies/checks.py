@@ -4,6 +4,7 @@ value is known by then, else when training starts, on every rank alike."""
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -287,4 +288,62 @@ def check_equal_epoch_lengths(batches_per_epoch: float, device: torch.device, st
             "so they would take different numbers of optimizer steps and a collective would deadlock. Use a "
             "map-style dataset (Lightning then shards it evenly with a DistributedSampler) or make every rank's "
             "iterable yield the same number of batches."
+        )
+
+
+#: DiLoCo's outer optimizer settings when none is given (the paper's: Nesterov momentum, lr 0.7, momentum 0.9).
+OUTER_DEFAULTS = {"outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True}
+
+
+def check_outer_options(
+    outer_optimizer: Any, outer_lr: Any, outer_momentum: Any, nesterov: Any
+) -> Callable[[list[torch.nn.Parameter]], Optimizer]:
+    """DiLoCo's outer optimizer: ``outer_optimizer`` (a callable ``params -> Optimizer``, e.g. Hydra's
+    ``_partial_: true``) or ``torch.optim.SGD`` built from ``outer_lr``, ``outer_momentum``, ``nesterov``; both at
+    once is refused unless those three keep their defaults. Returns the factory."""
+    given = {"outer_lr": outer_lr, "outer_momentum": outer_momentum, "nesterov": nesterov}
+    if outer_optimizer is not None:
+        if not callable(outer_optimizer):
+            raise ValueError(
+                "outer_optimizer must be a callable that builds a torch.optim.Optimizer from a list of parameters "
+                "(e.g. functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True) or Hydra's _partial_), "
+                f"got {outer_optimizer!r}."
+            )
+        changed = {k: v for k, v in given.items() if v != OUTER_DEFAULTS[k]}
+        if changed:
+            settings = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+            raise ValueError(
+                f"{settings} conflict(s) with outer_optimizer={outer_optimizer!r}: outer_lr, outer_momentum and "
+                "nesterov only build the default SGD. Give these settings to the outer optimizer itself."
+            )
+        return outer_optimizer
+    check_positive("outer_lr", outer_lr)
+    if not is_number(outer_momentum) or not (0.0 <= outer_momentum < 1.0):
+        raise ValueError(f"outer_momentum must be a number in [0, 1), got {outer_momentum!r}.")
+    check_bool("nesterov", nesterov)
+    if nesterov and outer_momentum == 0:
+        raise ValueError("nesterov=True needs outer_momentum > 0 (Nesterov momentum without momentum is undefined).")
+    return functools.partial(torch.optim.SGD, lr=float(outer_lr), momentum=float(outer_momentum), nesterov=nesterov)
+
+
+def check_streaming_options(
+    tau: Any, fragments: Any, overlap_steps: Any, mixing_alpha: Any, quantize_bits: Any, quantize_block: Any
+) -> None:
+    """Streaming DiLoCo's schedule and codec: 1 <= fragments <= tau (distinct offsets), 0 <= overlap_steps < tau
+    (a fragment's outer step lands before its next synchronization), mixing_alpha in [0, 1], 8 or 4 bits."""
+    check_int("tau", tau, minimum=1)
+    check_int("fragments", fragments, minimum=1)
+    check_int("overlap_steps", overlap_steps, minimum=0)
+    check_fraction("mixing_alpha", mixing_alpha)
+    check_choice("quantize_bits", quantize_bits, (8, 4))
+    check_int("quantize_block", quantize_block, minimum=1)
+    if fragments > tau:
+        raise ValueError(
+            f"fragments ({fragments}) must be at most tau ({tau}): fragment f is synchronized at steps "
+            "≡ f·tau/fragments (mod tau), and these offsets must differ."
+        )
+    if overlap_steps >= tau:
+        raise ValueError(
+            f"overlap_steps ({overlap_steps}) must be smaller than tau ({tau}): a fragment's outer step must land "
+            "before the fragment is synchronized again."
         )

@@ -229,16 +229,7 @@ class EASGDStrategy(ElasticStrategy):
         alpha = self.alpha
         diverged = self.is_diverged()
         owns = self._elastic_own(self.layout.masters())  # the sum travels in float32 for a half-precision model
-        # A diverged worker sends NaN, so the sums reveal a divergence without any extra bytes in a healthy round.
-        sums = [self._sum_over_workers(own, poisoned=diverged) for own in owns]
-        healthy = self.world_size
-        if not all(bool(torch.isfinite(total).all()) for total in sums):
-            # Rare path: learn who diverged and average over the healthy workers only.
-            flags = self.collectives.all_gather(torch.tensor([float(diverged)], device=self.root_device))
-            healthy = self.world_size - int(flags.sum())
-            if healthy == 0:
-                self._raise_all_diverged()
-            sums = [self._sum_over_workers(own, poisoned=False, excluded=diverged) for own in owns]
+        sums, healthy = self._sum_over_healthy(owns, diverged)  # a diverged worker is left out
         squared = torch.zeros((), dtype=torch.float64, device=self.root_device)
         moved = []
         for index, (own, total) in enumerate(zip(owns, sums)):
@@ -251,15 +242,6 @@ class EASGDStrategy(ElasticStrategy):
             return {}
         self._take_elastic(moved)
         return {"easgd/dist_to_center": math.sqrt(float(squared))}
-
-    def _sum_over_workers(self, own: Tensor, poisoned: bool, excluded: bool = False) -> Tensor:
-        if poisoned:
-            contribution = torch.full_like(own, math.nan)
-        elif excluded:
-            contribution = torch.zeros_like(own)
-        else:
-            contribution = own.clone()
-        return self.collectives.all_reduce_sum(contribution)
 
     @override
     def _reference_weights(self) -> list[Tensor]:

@@ -11,9 +11,12 @@ A new periodic algorithm is one subclass implementing ``_communication_round`` a
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from typing import Any
 
+import torch
+from torch import Tensor
 from typing_extensions import override
 
 from .base import ReplicaStrategy
@@ -72,3 +75,28 @@ class PeriodicStrategy(ReplicaStrategy):
     def setup(self, trainer: Any) -> None:
         self._pending_rounds = 0
         super().setup(trainer)
+
+    def _sum_over_healthy(self, contributions: list[Tensor], diverged: bool) -> tuple[list[Tensor], int]:
+        """Σ over the healthy workers of each of ``contributions`` (one all-reduce each) and how many they are.
+
+        A diverged worker sends NaN, so the sums reveal a divergence without any extra bytes in a healthy round;
+        otherwise every rank learns who diverged (an all-gather of P floats) and the sums are taken again without
+        them. Raises if every worker diverged.
+        """
+        sums = [self._sum_one(c, poisoned=diverged) for c in contributions]
+        if all(bool(torch.isfinite(total).all()) for total in sums):
+            return sums, self.world_size
+        flags = self.collectives.all_gather(torch.tensor([float(diverged)], device=self.root_device))
+        healthy = self.world_size - int(flags.sum())
+        if healthy == 0:
+            self._raise_all_diverged()
+        return [self._sum_one(c, poisoned=False, excluded=diverged) for c in contributions], healthy
+
+    def _sum_one(self, contribution: Tensor, poisoned: bool, excluded: bool = False) -> Tensor:
+        if poisoned:
+            contribution = torch.full_like(contribution, math.nan)
+        elif excluded:
+            contribution = torch.zeros_like(contribution)
+        else:
+            contribution = contribution.clone()
+        return self.collectives.all_reduce_sum(contribution)
