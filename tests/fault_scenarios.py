@@ -50,7 +50,7 @@ STRATEGIES: dict[str, tuple[type, dict[str, Any], type]] = {
     "easgd_async": (lsgd_lightning.AsyncEASGDStrategy, {"tau": 2}, models.Regressor),
     "downpour": (lsgd_lightning.DownpourStrategy, {"tau": 2}, models.Regressor),
 }
-CHECKPOINT_EVAL = ("lsgd", "lsgd_local", "easgd", "dpsgd", "lsgd_async", "easgd_async", "downpour")
+CHECKPOINT_EVAL = ("lsgd", "lsgd_local", "easgd", "dpsgd", "adpsgd", "lsgd_async", "easgd_async", "downpour")
 
 
 def make(name: str, **overrides: Any) -> tuple[pl.strategies.Strategy, type]:
