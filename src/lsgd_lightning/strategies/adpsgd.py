@@ -63,10 +63,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from typing_extensions import override
 
-from ..core.board import StoreBoard
 from ..core.flat import to_master
 from ..core.gossip import exchange
-from ..core.guard import CollectiveGuard
 from ..core.pairing import (
     AD_PSGD_TOPOLOGIES,
     Exchange,
@@ -82,12 +80,13 @@ from ..core.pairing import (
 from ..core.rules import pair_average, squared_distance, with_local_step
 from .checks import check_adpsgd_options
 from .every_step import EveryStepStrategy
+from .meetings import MeetingPoints
 
 pairing = lockstep_pairing  # the lockstep schedule under its historical name
 __all__ = ["AD_PSGD_TOPOLOGIES", "ADPSGDStrategy", "is_active", "pairing", "partners_of", "passive_neighbours"]
 
 
-class ADPSGDStrategy(EveryStepStrategy):
+class ADPSGDStrategy(MeetingPoints, EveryStepStrategy):
     """AD-PSGD: pairwise averaging with a random neighbour (active/passive split), keeping the local step computed at
     the weights from before the averaging.
 
@@ -114,9 +113,7 @@ class ADPSGDStrategy(EveryStepStrategy):
         self.exchanges: list[Exchange] = []  # asynchronous: every average this worker took part in (this fit)
         self.withdrawn = 0  # asynchronous, active: requests given up because the job was stopping (this fit)
         self._pairs: Pairing | None = None  # asynchronous, while fitting with several workers
-        self._board: StoreBoard | None = None
         self._draws: PartnerDraws | None = None
-        self._guard = CollectiveGuard(self._meet)
         self._in_training_step = 0
 
     @override
@@ -135,17 +132,7 @@ class ADPSGDStrategy(EveryStepStrategy):
         super().setup(trainer)
         if self.schedule != "asynchronous" or trainer.state.fn != TrainerFn.FITTING or self.world_size == 1:
             return
-        assert self._health is not None
-        self._board = StoreBoard(
-            f"{self._health.prefix}/adpsgd",
-            self.global_rank,
-            self.world_size,
-            self._timeout_s(),
-            self.comm,
-            self.root_device,
-            health=self._health,
-        )
-        self._pairs = Pairing(self._board, self.topology)
+        self._pairs = Pairing(self._open_board("adpsgd"), self.topology)
         if self._pairs.active:  # a resumed worker continues its stream of draws (one per step)
             self._draws = PartnerDraws(self.seed, self.global_rank, self._pairs.neighbours, done=self._steps)
         self.exchanges, self.withdrawn = [], 0
@@ -159,6 +146,7 @@ class ADPSGDStrategy(EveryStepStrategy):
         finally:
             self._in_training_step -= 1
 
+    @override
     def _meet(self, what: str) -> None:
         """Everyone at one point: drain the requests (a passive serves them with its weights as they are, or
         declines them inside one of its steps), then the board's rendezvous."""
@@ -166,30 +154,7 @@ class ADPSGDStrategy(EveryStepStrategy):
         self.pairs.meet(what, self.steps, None if inside_step else self._serve_between_steps)
 
     @override
-    def _swap_in_reference(self) -> None:
-        if self._guard.installed and self.eval_on != "local" and not self._evaluating_checkpoint:
-            self._meet("evaluation on the workers' average")  # then the average is one all-reduce of still weights
-        with self._guard.bypass():
-            super()._swap_in_reference()
-
-    @override
-    def on_train_end(self) -> None:
-        if not self._guard.installed:
-            return super().on_train_end()
-        self._meet("the end of training")  # every request of this fit is answered
-        with self._guard.bypass():
-            super().on_train_end()  # final sync: the workers' average
-            super().barrier("lsgd_lightning.adpsgd_end")  # rank 0 serves the store: keep it until everyone left it
-        self._guard.uninstall()
-
-    @override
-    def on_exception(self, exception: BaseException) -> None:
-        self._guard.uninstall()
-        super().on_exception(exception)
-
-    @override
     def teardown(self) -> None:
-        self._guard.uninstall()
         self._pairs = None
         super().teardown()
 
