@@ -48,7 +48,7 @@ def test_straggler_runs_adpsgd_beside_dpsgd_and_lsgd(tmp_path: Path) -> None:
         "straggler.py",
         *("--strategies", "lsgd,dpsgd,adpsgd", "--workers", "2", "--epochs", "1", "--batches", "3", "--warmup", "1"),
         *("--tau", "2", "--repeats", "1", "--out", str(tmp_path)),
-        timeout=180,
+        timeout=300,
     )
     text = (tmp_path / "straggler.md").read_text()
     for label in ("dpsgd", "dpsgd + straggler", "adpsgd", "adpsgd + straggler"):
