@@ -68,22 +68,19 @@ def is_active(rank: int) -> bool:
     return rank % 2 == 0
 
 
+def neighbours(rank: int, world_size: int, topology: str) -> list[int]:
+    """The workers of the other role that ``rank`` may pair with, sorted: an active's passive neighbours, or the
+    actives that may choose a passive."""
+    if topology == "ring":
+        return sorted({(rank - 1) % world_size, (rank + 1) % world_size} - {rank})
+    if topology == "complete":
+        return list(range(1 if is_active(rank) else 0, world_size, 2))
+    raise ValueError(f"AD-PSGD topology must be one of {AD_PSGD_TOPOLOGIES}, got {topology!r}.")
+
+
 def passive_neighbours(active: int, world_size: int, topology: str) -> list[int]:
     """The passive workers that active worker ``active`` may choose, sorted."""
-    if topology == "ring":
-        return sorted({(active - 1) % world_size, (active + 1) % world_size} - {active})
-    if topology == "complete":
-        return list(range(1, world_size, 2))
-    raise ValueError(f"AD-PSGD topology must be one of {AD_PSGD_TOPOLOGIES}, got {topology!r}.")
-
-
-def active_neighbours(passive: int, world_size: int, topology: str) -> list[int]:
-    """The active workers that may choose passive worker ``passive``, sorted."""
-    if topology == "ring":
-        return sorted({(passive - 1) % world_size, (passive + 1) % world_size} - {passive})
-    if topology == "complete":
-        return list(range(0, world_size, 2))
-    raise ValueError(f"AD-PSGD topology must be one of {AD_PSGD_TOPOLOGIES}, got {topology!r}.")
+    return neighbours(active, world_size, topology)
 
 
 def check_bipartite(world_size: int, topology: str) -> None:
@@ -109,9 +106,9 @@ def lockstep_pairing(step: int, world_size: int, topology: str, seed: int) -> di
     rng = random.Random(f"adpsgd:{seed}:{step}")
     pairs = {}
     for active in range(0, world_size, 2):
-        neighbours = passive_neighbours(active, world_size, topology)
-        if neighbours:
-            pairs[active] = neighbours[rng.randrange(len(neighbours))]
+        choices = passive_neighbours(active, world_size, topology)
+        if choices:
+            pairs[active] = choices[rng.randrange(len(choices))]
     return pairs
 
 
@@ -175,7 +172,6 @@ class Pairing:
         self.store = dist.PrefixStore("pairs/", board.store)
         self.rank = board.rank
         self.active = is_active(board.rank)
-        neighbours = passive_neighbours if self.active else active_neighbours
         self.neighbours = neighbours(board.rank, board.world_size, topology)
         self.meetings = 0  # meeting points passed in this fit (the same count on every rank)
         self._taken = 0  # passive: requests read from its queue
