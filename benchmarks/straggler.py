@@ -106,6 +106,8 @@ def fit_once(rank: int, world_size: int, config: Config, args: argparse.Namespac
     cfg = driver.compose(overrides(config, world_size, args, seed))
     if config.strategy in LR_OVER_P:
         cfg.optim.lr = cfg.optim.lr / world_size
+        if config.strategy == "downpour":
+            cfg.strategy.push_scale = 1.0  # the recorded runs: unscaled pushes, the lr divided instead (not both)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     model = build_model(cfg, datamodule)

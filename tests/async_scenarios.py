@@ -25,6 +25,7 @@ from tests.scenarios import TIMEOUT, _expect_error, _fit, run_scenarios
 LSGD_ASYNC = {"tau": 3, "pull_strength": 0.3, "leader_window": 2, "variant": "board"}  # the leader board
 EASGD_ASYNC = {"tau": 3, "moving_rate": 0.3}
 DOWNPOUR = {"tau": 3}
+DOWNPOUR_PUSH_FETCH = {"push_every": 2, "fetch_every": 3, "push_scale": "1/P"}  # Dean et al.'s n_push, n_fetch
 SLOW_RANK, SLOW_S = 1, 0.05
 HOLD_S = 60.0  # how long the straggler waits for a fast worker to get ahead (see Straggler)
 
@@ -91,6 +92,11 @@ def _checkpointer(directory: Path) -> ModelCheckpoint:
 
 
 def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]:
+    if name == "easgd_async_eamsgd":  # Algorithm 2 (EAMSGD), the straggler as in "easgd_async"
+        strategy = make("easgd_async", momentum_rule="eamsgd")
+        return _straggling(rank, world_size, strategy, hold=True, make_model=models.NesterovRegressor)
+    if name == "downpour_push_fetch":  # pushes after steps 2, 4, 6, ..., fetches after 3, 6, 9, ...
+        return _straggling(rank, world_size, make("downpour", **DOWNPOUR_PUSH_FETCH), hold=True)
     if name in ("lsgd_async", "easgd_async", "downpour"):  # a fast worker finishes step 6 before the straggler's 3
         return _straggling(rank, world_size, make(name), hold=True)
     if name.endswith("_diverge"):  # rank 2's weights turn NaN before step 4

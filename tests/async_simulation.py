@@ -9,7 +9,10 @@ written out from the papers:
 - asynchronous LSGD, the package's ``variant="board"``: a worker whose score beats the board's leader (or that is
   the leader) publishes its weights as the leader's copy; every other worker pulls x <- x - pull (x - copy);
 - asynchronous EASGD (Zhang et al. 2015, Algorithm 1): delta = alpha (x - c); x <- x - delta; c <- c + delta;
-- DOWNPOUR (Dean et al. 2012): w <- w + (x - x_fetched); x <- w; x_fetched <- w (buffers: the pusher's).
+- DOWNPOUR (Dean et al. 2012, Algorithm 7.1): a worker sums its local updates since its last push (its
+  "accrued" update); every ``push_every`` of its steps w <- w + s * accrued, accrued <- 0 (buffers: the pusher's);
+  every ``fetch_every`` x <- w (the accrued update is kept); both due: the push first. With one period τ (s = 1):
+  w <- w + (x - x_fetched); x <- w.
 
 Asynchronous LSGD's default, the paper's Algorithm 1, has no board order: every worker joins every round, so a run
 is fixed by each worker's own step count at each round (:func:`replay_algorithm1`).
@@ -34,7 +37,8 @@ class Board:
     state: dict[str, Tensor]
     leader: int = -1
     score: float = math.inf
-    fetched: list[dict[str, Tensor]] = field(default_factory=list)  # DOWNPOUR: per worker, as last fetched
+    accrued: list[dict[str, Tensor]] = field(default_factory=list)  # DOWNPOUR: per worker, not yet pushed
+    last: list[dict[str, Tensor]] = field(default_factory=list)  # DOWNPOUR: per worker, its weights after its round
     leaders_seen: list[int] = field(default_factory=list)
 
 
@@ -59,8 +63,10 @@ def new_board(kind: str, workers: list[sim.Worker]) -> Board:
     if kind == "lsgd_async":
         return Board(initial)
     floats = {k: v for k, v in initial.items() if v.is_floating_point()}
-    fetched = [clone(floats) for _ in workers] if kind == "downpour" else []
-    return Board(floats, fetched=fetched)
+    if kind != "downpour":
+        return Board(floats)
+    zeros = {k: torch.zeros_like(v) for k, v in floats.items()}
+    return Board(floats, accrued=[clone(zeros) for _ in workers], last=[clone(floats) for _ in workers])
 
 
 @torch.no_grad()
@@ -87,24 +93,42 @@ def apply_round(kind: str, board: Board, worker: sim.Worker, settings: dict[str,
         if diverged:
             worker.reset_to({**state, **clone(board.state)})
             return
-        alpha = settings["moving_rate"]
+        alpha, own = settings["moving_rate"], worker.elastic_state()  # under EAMSGD the paper's x, not x + δv
         for key, c in board.state.items():
-            delta = alpha * (state[key] - c)
-            state[key].copy_(state[key] - delta)
+            delta = alpha * (own[key] - c)
+            sim.set_elastic(worker, key, own[key] - delta)
             c.copy_(c + delta)
     elif kind == "downpour":
-        parameters = {name for name, _ in worker.net.named_parameters()}
-        if not diverged:
-            for key, w in board.state.items():
-                new = w + (state[key] - board.fetched[rank][key]) if key in parameters else state[key].clone()
-                w.copy_(new)
-            for key, w in board.state.items():
-                state[key].copy_(w)
-        else:
-            worker.reset_to({**state, **clone(board.state)})
-        board.fetched[rank] = clone(board.state)
+        downpour_round(board, worker, settings, diverged)
     else:
         raise KeyError(kind)
+
+
+@torch.no_grad()
+def downpour_round(board: Board, worker: sim.Worker, settings: dict[str, Any], diverged: bool) -> None:
+    """DOWNPOUR after the worker's step ``worker.cursor``: push and/or fetch as its periods say."""
+    rank, state, step = worker.rank, worker.net.state_dict(), worker.cursor
+    parameters = {name for name, _ in worker.net.named_parameters()}
+    if diverged:  # reset to the held parameters; its accrued update is dropped
+        worker.reset_to({**state, **clone(board.state)})
+        board.accrued[rank] = {k: torch.zeros_like(v) for k, v in board.state.items()}
+        board.last[rank] = clone(board.state)
+        return
+    scale = settings.get("push_scale", 1.0)
+    scale = 1.0 / worker.world_size if scale == "1/P" else scale
+    tau = settings.get("tau", 1)
+    push = step % settings.get("push_every", tau) == 0
+    fetch = step % settings.get("fetch_every", tau) == 0
+    for key in parameters:
+        board.accrued[rank][key] += state[key] - board.last[rank][key]  # the local updates since its last round
+    if push:
+        for key, w in board.state.items():
+            w.copy_(w + scale * board.accrued[rank][key] if key in parameters else state[key])
+            board.accrued[rank][key].zero_()
+    if fetch:
+        for key, w in board.state.items():
+            state[key].copy_(w)
+    board.last[rank] = {k: state[k].clone() for k in board.state}
 
 
 def replay(

@@ -21,6 +21,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lsgd_lightning import LSGDStrategy
 from tests import models
 
+# The collective timeout, which with the subprocess launcher is also how long rank 0 and the child that re-runs
+# this script wait for each other to reach the rendezvous: the child's start-up took over 30 s under load.
+TIMEOUT = timedelta(seconds=120)
+
 
 class KillJobAfterFirstCheckpoint(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -38,7 +42,7 @@ def main(out: Path, mode: str) -> None:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=LSGDStrategy(tau=4, final_sync=False, timeout=timedelta(seconds=30)),
+        strategy=LSGDStrategy(tau=4, final_sync=False, timeout=TIMEOUT),
         max_epochs=3,
         logger=False,
         enable_progress_bar=False,

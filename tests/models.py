@@ -55,8 +55,8 @@ class Net(nn.Module):
         return nn.functional.mse_loss(self.body(x), y)
 
 
-def make_optimizer(params) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+def make_optimizer(params, nesterov: bool = False) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, nesterov=nesterov)
 
 
 class Regressor(pl.LightningModule):
@@ -77,6 +77,13 @@ class Regressor(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return make_optimizer(self.parameters())
+
+
+class NesterovRegressor(Regressor):
+    """The same model with Nesterov SGD (what EASGD's ``momentum_rule="eamsgd"`` takes its η, δ and λ from)."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return make_optimizer(self.parameters(), nesterov=True)
 
 
 class ManualRegressor(Regressor):

@@ -11,9 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
+
 from lsgd_lightning.local_job import free_port, run_local_job
 
-__all__ = ["free_port", "run_workers"]
+__all__ = ["free_port", "rank_results", "run_workers", "scenario_job"]
 
 
 def run_workers(
@@ -21,3 +24,21 @@ def run_workers(
 ) -> None:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes, one torch thread each."""
     run_local_job(fn, world_size, args, deadline_s=timeout_s, workdir=errdir)
+
+
+def scenario_job(prefix: str, fn: Callable[..., None], world_size: int, scenarios: list[str], timeout_s: float) -> Any:
+    """A module-scoped ``job`` fixture: one local job runs ``fn(rank, world_size, out, scenarios)`` for the whole
+    module and the tests read what each rank saved under ``out/<scenario>/rank<r>.pt`` (see :func:`rank_results`)."""
+
+    @pytest.fixture(scope="module", name="job")
+    def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        out = tmp_path_factory.mktemp(prefix)
+        run_workers(fn, world_size, (str(out), scenarios), errdir=out / "errors", timeout_s=timeout_s)
+        return out
+
+    return job
+
+
+def rank_results(job: Path, name: str, world_size: int, weights_only: bool = True) -> list[dict[str, Any]]:
+    """What every rank of scenario ``name`` saved."""
+    return [torch.load(job / name / f"rank{r}.pt", weights_only=weights_only) for r in range(world_size)]

@@ -131,7 +131,9 @@ def _easgd(**overrides: Any) -> EASGDStrategy:
     return EASGDStrategy(**{**EASGD, "final_sync": False, **overrides}, timeout=TIMEOUT)
 
 
-def _resume_pair(rank: int, world_size: int, out: Path, make_strategy: Any) -> dict[str, Any]:
+def _resume_pair(
+    rank: int, world_size: int, out: Path, make_strategy: Any, make_model: Any = models.Regressor
+) -> dict[str, Any]:
     """Run 3 epochs with a checkpoint per epoch, then rerun from the epoch-0 checkpoint with a fresh model."""
 
     def checkpointer(name: str) -> ModelCheckpoint:
@@ -139,7 +141,7 @@ def _resume_pair(rank: int, world_size: int, out: Path, make_strategy: Any) -> d
             dirpath=out / name, filename="{epoch}", save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True
         )
 
-    common = {"max_steps": -1, "max_epochs": 3, "enable_checkpointing": True, "shuffle": True}
+    common = {"max_steps": -1, "max_epochs": 3, "enable_checkpointing": True, "shuffle": True, "make_model": make_model}
     uninterrupted = _fit(rank, world_size, make_strategy(), extra_callbacks=[checkpointer("ckpt_a")], **common)
     resumed = _fit(
         rank,
@@ -241,6 +243,11 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
         return _fit(rank, world_size, LSGDStrategy(**MULTI, final_sync=False, timeout=TIMEOUT))
     if name == "easgd":
         return _fit(rank, world_size, _easgd())
+    if name == "easgd_eamsgd":
+        return _fit(rank, world_size, _easgd(momentum_rule="eamsgd"), make_model=models.NesterovRegressor)
+    if name == "easgd_eamsgd_resume":
+        strategy = lambda: _easgd(tau=4, momentum_rule="eamsgd")  # noqa: E731
+        return _resume_pair(rank, world_size, out, strategy, make_model=models.NesterovRegressor)
     if name == "easgd_eval_center":
         return _fit(rank, world_size, _easgd(), val=True, val_check_interval=VAL_EVERY)
     if name == "easgd_final_sync":

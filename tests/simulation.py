@@ -41,6 +41,7 @@ class Worker:
     world_size: int
     losses: list[float] = field(default_factory=list)
     cursor: int = 0
+    eamsgd: Momentum | None = None  # set by :func:`use_eamsgd`: the worker steps EAMSGD, the net holds x + δv
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
         per_epoch = models.N_TRAIN // self.world_size // models.BATCH
@@ -69,9 +70,36 @@ class Worker:
         self.net.load_state_dict(state)
         self.optimizer.state.clear()
         self.losses.clear()
+        if self.eamsgd is not None:
+            self.eamsgd = Momentum.at(self.net)
 
     def float_state(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.net.state_dict().items() if v.is_floating_point()}
+
+    def elastic_state(self) -> dict[str, Tensor]:
+        """What EASGD's elastic force acts on: the floating-point weights the net holds, or under EAMSGD the
+        paper's x in place of the parameters (the net holds the look-ahead x + δv)."""
+        floats = self.float_state()
+        return floats if self.eamsgd is None else {**floats, **self.eamsgd.x}
+
+
+@dataclass
+class Momentum:
+    """EAMSGD's state of one worker (Zhang et al. 2015, Sec. 3.2): x and the velocity v, per parameter."""
+
+    x: dict[str, Tensor]
+    v: dict[str, Tensor]
+
+    @staticmethod
+    def at(net: models.Net) -> Momentum:
+        x = {k: p.detach().clone() for k, p in net.named_parameters()}
+        return Momentum(x, {k: torch.zeros_like(p) for k, p in x.items()})
+
+
+def use_eamsgd(workers: list[Worker]) -> None:
+    """Let the workers step EAMSGD (from their current weights, v = 0) instead of their SGD optimizer."""
+    for worker in workers:
+        worker.eamsgd = Momentum.at(worker.net)
 
 
 def make_workers(world_size: int, with_buffers: bool = True) -> list[Worker]:
@@ -87,7 +115,12 @@ def make_workers(world_size: int, with_buffers: bool = True) -> list[Worker]:
 def local_step(worker: Worker, nan_report: bool = False, micro_batches: int = 1, poison: bool = False) -> None:
     """One optimizer step of plain SGD; with ``micro_batches`` > 1, gradients of loss / k are accumulated.
 
-    ``poison`` sets the first layer's weights to NaN first (like ``models.DivergingRegressor``)."""
+    ``poison`` sets the first layer's weights to NaN first (like ``models.DivergingRegressor``). A worker under
+    :func:`use_eamsgd` takes EAMSGD's step instead (:func:`eamsgd_step`)."""
+    if worker.eamsgd is not None:
+        assert not (nan_report or poison or micro_batches > 1), "not simulated under EAMSGD"
+        eamsgd_step(worker)
+        return
     if poison:
         with torch.no_grad():
             worker.net.body[0].weight.fill_(math.nan)
@@ -97,6 +130,39 @@ def local_step(worker: Worker, nan_report: bool = False, micro_batches: int = 1,
         (loss / micro_batches).backward()
         worker.losses.append(math.nan if nan_report else float(loss.detach()))
     worker.optimizer.step()
+
+
+@torch.no_grad()
+def eamsgd_step(worker: Worker) -> None:
+    """EAMSGD's local step, Zhang et al. 2015 eq. 7 without the elastic term (applied by the rounds), with the
+    optimizer's lr η, momentum δ and weight decay λ (the gradient of λ/2 ||y||², as in the authors' code)::
+
+        v <- δ v - η (∇f(y) + λ y),   y = x + δ v (the weights the net holds)
+        x <- x + v;  the net then holds the new look-ahead x + δ v
+    """
+    state = worker.eamsgd
+    assert state is not None
+    worker.optimizer.zero_grad()
+    with torch.enable_grad():
+        loss = worker.net.loss(*worker.next_batch(), train=True)
+        loss.backward()
+    worker.losses.append(float(loss.detach()))
+    (group,) = worker.optimizer.param_groups
+    lr, delta, decay = group["lr"], group["momentum"], group["weight_decay"]
+    for name, y in worker.net.named_parameters():
+        assert y.grad is not None
+        state.v[name] = delta * state.v[name] - lr * (y.grad + decay * y)
+        state.x[name] = state.x[name] + state.v[name]
+        y.copy_(state.x[name] + delta * state.v[name])
+
+
+def set_elastic(worker: Worker, key: str, value: Tensor) -> None:
+    """Write the result of an elastic move: x under EAMSGD (the net's look-ahead moves at the next step), else the
+    net's weight."""
+    if worker.eamsgd is not None and key in worker.eamsgd.x:
+        worker.eamsgd.x[key] = value.clone()
+    else:
+        worker.net.state_dict()[key].copy_(value)
 
 
 def elect(workers: list[Worker], window: int) -> tuple[int | None, list[float]]:
@@ -171,17 +237,18 @@ def multi_leader_round(
 
 @torch.no_grad()
 def easgd_round(workers: list[Worker], center: dict[str, Tensor], alpha: float, window: int = 10) -> None:
-    """EASGD: x_i <- x_i - alpha (x_i - c); c <- c + alpha * sum_i (x_i - c), all from pre-round values.
+    """EASGD: x_i <- x_i - alpha (x_i - c); c <- c + alpha * sum_i (x_i - c), all from pre-round values (under
+    EAMSGD x_i is the paper's x, not the look-ahead the net holds: :meth:`Worker.elastic_state`).
 
     Diverged workers (non-finite loss or weights) are left out of the sum and then reset to the new center.
     """
     diverged = [w.diverged(window) for w in workers]
-    states = [w.float_state() for w in workers]
+    states = [w.elastic_state() for w in workers]
     for key, c in center.items():
         old = [s[key].clone() for s in states]
-        for state, x, bad in zip(states, old, diverged):
+        for worker, x, bad in zip(workers, old, diverged):
             if not bad:
-                state[key].copy_(x - alpha * (x - c))
+                set_elastic(worker, key, x - alpha * (x - c))
         c.copy_(c + alpha * sum(x - c for x, bad in zip(old, diverged) if not bad))
     for worker, bad in zip(workers, diverged):
         if bad:

@@ -20,7 +20,7 @@ from lsgd_lightning.core.pairing import PartnerDraws, passive_neighbours
 from tests import decentralized_simulation as sim
 from tests.adpsgd_scenarios import AHEAD, STEPS, VAL_EVERY, run_adpsgd_scenarios
 from tests.decentralized_scenarios import ADPSGD_SEED
-from tests.multiproc import run_workers
+from tests.multiproc import rank_results, scenario_job
 from tests.test_decentralized import FLOAT_BYTES, assert_close
 
 WORLD = 4
@@ -28,15 +28,11 @@ SCENARIOS = ["slow_active", "slow_passive", "meetings", "resume"]
 STEPS_PER_EPOCH = 6  # 96 samples, batch 4, 4 workers
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("adpsgd_async")
-    run_workers(run_adpsgd_scenarios, WORLD, (str(out), SCENARIOS), errdir=out / "errors", timeout_s=600)
-    return out
+job = scenario_job("adpsgd_async", run_adpsgd_scenarios, WORLD, SCENARIOS, timeout_s=600)
 
 
 def results(job: Path, name: str) -> list[dict[str, Any]]:
-    return [torch.load(job / name / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return rank_results(job, name, WORLD)
 
 
 def records(got: list[dict[str, Any]]) -> list[sim.Record]:

@@ -195,8 +195,15 @@ def test_a_worker_that_vanishes_is_named_after_the_timeout(tmp_path: Path) -> No
         (lambda: AsyncEASGDStrategy(beta=0.0), "beta must be a number in (0, 1]"),
         (lambda: DownpourStrategy(tau=-1), "tau must be an integer >= 1"),
         (lambda: DownpourStrategy(eval_on="leader"), "eval_on must be 'parameters' or 'local'"),
+        (lambda: DownpourStrategy(push_every=0), "push_every must be an integer >= 1"),
+        (lambda: DownpourStrategy(fetch_every=2.5), "fetch_every must be an integer >= 1"),
+        (lambda: DownpourStrategy(push_scale=0.0), "push_scale must be a number in (0, 1] or '1/P'"),
+        (lambda: DownpourStrategy(push_scale=1.5), "push_scale must be a number in (0, 1] or '1/P'"),
+        (lambda: DownpourStrategy(push_scale="1/2"), "push_scale must be a number in (0, 1] or '1/P'"),
+        (lambda: AsyncEASGDStrategy(momentum_rule="sgd"), "momentum_rule must be 'optimizer' or 'eamsgd'"),
     ],
 )
 def test_bad_settings_are_refused_by_name(make: Any, message: str) -> None:
+    """Refused when the strategy is constructed, before any process starts."""
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         make()

@@ -14,21 +14,19 @@ import torch
 from lsgd_lightning import LSGDStrategy
 from lsgd_lightning.strategies.checkpoints import atomic_torch_save
 from tests import models
-from tests.conftest import clean_launch_env
+from tests.conftest import script_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_job(out: Path, mode: str) -> subprocess.CompletedProcess:
-    env = clean_launch_env()
-    env["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
         [sys.executable, str(ROOT / "tests" / "checkpoint_job.py"), str(out), mode],
         cwd=out,
-        env=env,
+        env=script_env(),
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=400,  # a hang guard (the rendezvous alone may take checkpoint_job.TIMEOUT)
         start_new_session=True,  # its own process group, which the crash mode kills whole
     )
 
@@ -68,8 +66,7 @@ atomic_torch_save({"weights": torch.ones(3)}, Path(sys.argv[1]), half_then_die)
 def test_a_crash_while_writing_never_leaves_a_checkpoint_that_looks_complete(tmp_path: Path) -> None:
     target = tmp_path / "last.ckpt"
     atomic_torch_save({"weights": torch.zeros(3)}, target)  # the last complete checkpoint
-    env = clean_launch_env()
-    result = subprocess.run([sys.executable, "-c", CRASH_MID_WRITE, str(target)], env=env, timeout=60)
+    result = subprocess.run([sys.executable, "-c", CRASH_MID_WRITE, str(target)], env=script_env(), timeout=60)
     assert result.returncode == -9
     assert torch.equal(torch.load(target, weights_only=True)["weights"], torch.zeros(3))  # still the old one
     assert [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"] != []  # only a hidden .tmp remains

@@ -22,7 +22,7 @@ import lsgd_lightning
 from lsgd_lightning.core import gossip as _gossip
 from lsgd_lightning.core import signs as _signs
 from lsgd_lightning.strategies import adpsgd
-from lsgd_lightning.strategies.signum import _gradients_only
+from lsgd_lightning.strategies.stepping import replaced_step
 from lsgd_lightning.train import build_strategy
 from tests import decentralized_simulation as sim
 from tests import models
@@ -451,7 +451,7 @@ def test_signum_runs_the_closure_without_sgds_update() -> None:
         loss.backward()
         return loss
 
-    with _gradients_only(optimizer):
+    with replaced_step(optimizer):
         optimizer.step(closure)
     assert calls == [1] and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert optimizer.state_dict()["state"] == {} and "step" not in optimizer.__dict__

@@ -14,7 +14,7 @@ import torch
 from lsgd_lightning.strategies.checkpoints import shard_path
 from tests import models
 from tests.fault_scenarios import CHECKPOINT_EVAL, SIGTERM_STEP, STRATEGIES, run_fault_scenarios
-from tests.multiproc import run_workers
+from tests.multiproc import rank_results, scenario_job
 
 WORLD = 2
 ASYNC = ("lsgd_async", "easgd_async", "downpour", "adpsgd")  # workers at different steps between meeting points
@@ -25,15 +25,11 @@ SCENARIOS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("faults")
-    run_workers(run_fault_scenarios, WORLD, (str(out), SCENARIOS), errdir=out / "errors", timeout_s=500)
-    return out
+job = scenario_job("faults", run_fault_scenarios, WORLD, SCENARIOS, timeout_s=500)
 
 
 def results(job: Path, name: str) -> list[dict[str, Any]]:
-    return [torch.load(job / name / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return rank_results(job, name, WORLD, weights_only=False)
 
 
 @torch.no_grad()

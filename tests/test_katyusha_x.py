@@ -26,7 +26,7 @@ from lsgd_lightning.optim import (
 )
 from tests import katyusha_simulation as sim
 from tests.katyusha_scenarios import DIM, EPOCH_LENGTH, LR, STEPS, TAU, run_katyusha_scenarios
-from tests.multiproc import run_workers
+from tests.multiproc import rank_results, scenario_job
 
 WORLD = 4
 SCENARIOS = ["katyusha", "svrg", "resume", "refuse_adam", "refuse_momentum", "refuse_accumulation"]
@@ -179,15 +179,11 @@ def test_optimizer_with_tau_one_half_is_svrg() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The strategy: 4 workers against the simulation
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("katyusha")
-    run_workers(run_katyusha_scenarios, WORLD, (str(out), SCENARIOS), errdir=out / "errors", timeout_s=240)
-    return out
+job = scenario_job("katyusha", run_katyusha_scenarios, WORLD, SCENARIOS, timeout_s=240)
 
 
 def results(job: Path, name: str) -> list[dict[str, Any]]:
-    return [torch.load(job / name / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return rank_results(job, name, WORLD)
 
 
 def test_strategy_matches_the_simulation(job: Path) -> None:

@@ -16,7 +16,7 @@ import torch
 from lsgd_lightning import AsyncLSGDStrategy
 from tests import async_simulation as asim
 from tests.lsgd_async_scenarios import ALGORITHM1, RESUME_EPOCHS, STEPS, run_lsgd_async_scenarios
-from tests.multiproc import run_workers
+from tests.multiproc import rank_results, scenario_job
 from tests.test_distributed import assert_states_close
 
 WORLD = 2
@@ -25,15 +25,11 @@ SCENARIOS = ["algorithm1", "algorithm1_final_sync", "algorithm1_diverge", "algor
 STEPS_PER_EPOCH = 12  # 96 samples, batch 4, 2 workers
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("lsgd_async")
-    run_workers(run_lsgd_async_scenarios, WORLD, (str(out), SCENARIOS), errdir=out / "errors", timeout_s=420)
-    return out
+job = scenario_job("lsgd_async", run_lsgd_async_scenarios, WORLD, SCENARIOS, timeout_s=420)
 
 
 def results(job: Path, name: str) -> list[dict[str, Any]]:
-    return [torch.load(job / name / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return rank_results(job, name, WORLD)
 
 
 def check_round_schedule(rounds: list[list[int]], first_round: int = 1) -> None:
@@ -154,3 +150,8 @@ def test_an_unknown_variant_is_refused_by_name() -> None:
 
 def test_the_default_is_the_papers_algorithm() -> None:
     assert AsyncLSGDStrategy().variant == "algorithm1"
+
+
+def test_multi_leader_settings_are_refused_with_what_to_use() -> None:
+    with pytest.raises(ValueError, match="does not take group_size, local_tau: .* Use 'lsgd_multi'"):
+        AsyncLSGDStrategy(group_size=2, local_tau=4)

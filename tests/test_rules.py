@@ -62,10 +62,64 @@ def test_asynchronous_elastic_exchange_conserves_the_sum() -> None:
     assert (x.tolist(), center.tolist()) == ([2.5], [1.5])
 
 
-def test_downpour_push_adds_the_update_to_parameters_and_takes_the_pusher_buffers() -> None:
-    held, x, fetched = T([10.0, 5.0]), T([3.0, 7.0]), T([1.0, 0.0])
-    is_parameter = T([True, False])
-    assert rules.downpour_push(held, x, fetched, is_parameter).tolist() == [12.0, 7.0]
+def test_eamsgd_local_step_is_nesterov_momentum_on_the_gradient() -> None:
+    # x = 1, v = 0.5, delta = 0.5: the look-ahead y = 1.25; gradient g = 2 (taken at y), lr 0.1, weight decay 0.4:
+    # v' = 0.5 * 0.5 - 0.1 (2 + 0.4 * 1.25) = 0.25 - 0.25 = 0; x' = 1 + 0 = 1; y' = 1 + 0.5 * 0 = 1
+    x, v, y = rules.eamsgd_local_step(T([1.0]), T([0.5]), T([1.25]), T([2.0]), lr=0.1, momentum=0.5, weight_decay=0.4)
+    assert (x.tolist(), v.tolist(), y.tolist()) == (pytest.approx([1.0]), pytest.approx([0.0]), pytest.approx([1.0]))
+    # without decay: v' = 0.25 - 0.2 = 0.05; x' = 1.05; y' = 1.05 + 0.025 = 1.075
+    x, v, y = rules.eamsgd_local_step(T([1.0]), T([0.5]), T([1.25]), T([2.0]), lr=0.1, momentum=0.5, weight_decay=0.0)
+    assert (x.tolist(), v.tolist(), y.tolist()) == (
+        pytest.approx([1.05]),
+        pytest.approx([0.05]),
+        pytest.approx([1.075]),
+    )
+
+
+def test_eamsgd_without_force_is_torch_nesterov_sgd_on_the_look_ahead_point() -> None:
+    """torch's Nesterov SGD keeps y = x + delta v (Sutskever's form): with no elastic force the two trajectories of
+    y coincide, so the only difference of momentum_rule='eamsgd' is where the force acts."""
+    a = T([[2.0, 0.5], [0.5, 1.0]])  # f(y) = 1/2 y^T A y, gradient A y
+    y_torch = torch.nn.Parameter(T([1.0, -2.0]))
+    sgd = torch.optim.SGD([y_torch], lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    x, v, y = T([1.0, -2.0]), torch.zeros(2), T([1.0, -2.0])
+    for _ in range(20):
+        sgd.zero_grad()
+        (0.5 * y_torch @ a @ y_torch).backward()
+        sgd.step()
+        x, v, y = rules.eamsgd_local_step(x, v, y, a @ y, lr=0.1, momentum=0.9, weight_decay=0.01)
+    torch.testing.assert_close(y, y_torch.detach())
+    torch.testing.assert_close(y, x + 0.9 * v)
+
+
+def test_eamsgd_elastic_force_moves_x_and_the_next_gradient_sees_the_old_look_ahead() -> None:
+    # eq. 7 with delta = 0.5, lr 0.1, alpha 0.25, one worker and the center c = 0; f(x) = x^2 / 2 (gradient x)
+    x, v, y = T([2.0]), T([1.0]), T([2.5])
+    force = rules.elastic_round(x, T([0.0]), x.clone(), workers=1, alpha=0.25)[0]  # x - 0.25 (x - 0) = 1.5
+    assert force.tolist() == [1.5]
+    # the paper: v' = 0.5 * 1 - 0.1 * g(x + 0.5 v) = 0.5 - 0.1 * 2.5 = 0.25; x' = x - alpha (x - c) + v' = 1.75
+    x2, v2, y2 = rules.eamsgd_local_step(force, v, y, y, lr=0.1, momentum=0.5, weight_decay=0.0)
+    assert (x2.tolist(), v2.tolist(), y2.tolist()) == ([1.75], [0.25], [1.875])
+    # torch's Nesterov SGD with the force applied to the weights it holds (y) instead: y - 0.25 y = 1.875, then the
+    # gradient at 1.875: a different point (the package's momentum_rule='optimizer')
+    assert (y - 0.25 * y).tolist() == [1.875]
+
+
+def test_downpour_round_pushes_the_accrued_update_and_fetches_the_holder() -> None:
+    held, x, baseline = T([10.0, 5.0]), T([3.0, 7.0]), T([1.0, 0.0])
+    is_parameter = T([True, False])  # element 1 is a buffer: copied, never summed
+    # push and fetch (the EASGD paper's DOWNPOUR): w = 10 + (3 - 1) = 12, the buffer the pusher's 7; x = w; b = w
+    w, x2, b = rules.downpour_round(held, x, baseline, is_parameter, push=True, fetch=True)
+    assert (w.tolist(), x2.tolist(), b.tolist()) == ([12.0, 7.0], [12.0, 7.0], [12.0, 7.0])
+    # push only, scaled by 1/2: w = 10 + 0.5 * 2 = 11; x keeps training from 3; nothing accrued any more (b = x)
+    w, x2, b = rules.downpour_round(held, x, baseline, is_parameter, push=True, fetch=False, push_scale=0.5)
+    assert (w.tolist(), x2.tolist(), b.tolist()) == ([11.0, 7.0], [3.0, 7.0], [3.0, 7.0])
+    # fetch only: x = w = 10 (buffer 5); the accrued 3 - 1 = 2 is kept for the next push: b = 10 - 2 = 8
+    w, x2, b = rules.downpour_round(held, x, baseline, is_parameter, push=False, fetch=True)
+    assert (w.tolist(), x2.tolist(), b.tolist()) == ([10.0, 5.0], [10.0, 5.0], [8.0, 5.0])
+    # ... one more local update of +1 (x = 11), then a push: w = 10 + (11 - 8) = 13, the fetched-over 2 plus the 1
+    w, _, _ = rules.downpour_round(w, x2 + T([1.0, 0.0]), b, is_parameter, push=True, fetch=False)
+    assert w.tolist() == [13.0, 5.0]
 
 
 def test_gossip_mix_is_the_weighted_row_of_the_mixing_matrix() -> None:

@@ -15,6 +15,7 @@ import lsgd_lightning
 from lsgd_lightning import DataParallelStrategy, EASGDStrategy, LSGDStrategy
 from lsgd_lightning.core.flat import FlatLayout
 from lsgd_lightning.core.rules import elect_leader
+from lsgd_lightning.strategies.checks import check_eamsgd_optimizer
 from tests import models
 
 
@@ -60,6 +61,7 @@ def test_lsgd_rejects_bad_arguments(kwargs: dict, named: str) -> None:
         ({"moving_rate": 0.0}, "moving_rate"),
         ({"moving_rate": math.nan}, "moving_rate"),
         ({"eval_on": "leader"}, "eval_on"),
+        ({"momentum_rule": "nesterov"}, "momentum_rule must be 'optimizer' or 'eamsgd'"),
     ],
 )
 def test_easgd_rejects_bad_arguments(kwargs: dict, named: str) -> None:
@@ -207,3 +209,63 @@ def test_single_worker_trains_as_local_sgd_with_one_warning() -> None:
     assert len(single) == 1
     assert trainer.global_step == 4 and trainer.strategy.comm.rounds == 0
     assert not torch.equal(before, model.net.body[0].weight)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EAMSGD (momentum_rule="eamsgd") in one process
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"momentum": 0.9}, "nesterov=False"),
+        ({"momentum": 1.0, "nesterov": True}, "momentum"),
+        ({"momentum": 0.0, "dampening": 0.1}, "dampening"),
+        ({"momentum": 0.9, "nesterov": True, "maximize": True}, "maximize"),
+    ],
+)
+def test_eamsgd_refuses_sgd_settings_that_are_not_its_rule(settings: dict, named: str) -> None:
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1, **settings)
+    with pytest.raises(ValueError, match=f"EASGDStrategy with momentum_rule='eamsgd'.*{named}"):
+        check_eamsgd_optimizer("EASGDStrategy", [optimizer])
+
+
+def test_eamsgd_refuses_other_optimizers_when_the_trainer_is_set_up() -> None:
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, strategy=EASGDStrategy(momentum_rule="eamsgd"), logger=False, max_steps=1
+    )
+    with pytest.raises(ValueError, match="nesterov=False"):
+        trainer.fit(models.Regressor(), models.train_loader(1))  # SGD momentum 0.9 without Nesterov
+
+
+def _single_worker_fit(strategy: EASGDStrategy) -> tuple[dict[str, torch.Tensor], int]:
+    """The final weights and the number of SGD momentum buffers after 9 steps."""
+    torch.manual_seed(0)
+    model = models.NesterovRegressor()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=strategy,
+        logger=False,
+        max_steps=9,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, models.train_loader(1))
+    assert trainer.global_step == 9
+    return {k: v.detach().clone() for k, v in model.net.state_dict().items()}, len(trainer.optimizers[0].state)
+
+
+def test_eamsgd_without_rounds_steps_like_torch_nesterov_sgd() -> None:
+    """One worker, no rounds: the strategy's own momentum step leaves the model at y = x + δv, exactly where torch's
+    Nesterov SGD (which keeps y) would be; the momentum rules differ only in where the elastic force acts."""
+    ours, buffers = _single_worker_fit(EASGDStrategy(tau=2, momentum_rule="eamsgd"))
+    torch_sgd, torch_buffers = _single_worker_fit(EASGDStrategy(tau=2))
+    assert (buffers, torch_buffers) == (0, 4)  # SGD's own step (and its momentum buffers) never ran under EAMSGD
+    assert ours.keys() == torch_sgd.keys()
+    for key, value in torch_sgd.items():
+        torch.testing.assert_close(ours[key], value, msg=key)
+    torch.manual_seed(0)
+    assert not torch.equal(ours["body.0.weight"], models.NesterovRegressor().net.body[0].weight)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tests import simulation as sim
-from tests.conftest import clean_launch_env
+from tests.conftest import script_env
 from tests.multiproc import free_port
 from tests.two_node_job import GLOBAL_ROUNDS, LOCAL_TAU, TAU
 
@@ -20,8 +20,7 @@ def test_groups_follow_nodes_and_inter_node_traffic_is_one_copy_per_other_group(
     port = str(free_port())
     nodes = []
     for node_rank in (0, 1):
-        env = clean_launch_env()
-        env.update(NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONPATH=str(ROOT))
+        env = script_env(NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         nodes.append(
             subprocess.Popen(
                 [sys.executable, str(ROOT / "tests" / "two_node_job.py"), str(tmp_path)],
@@ -35,7 +34,7 @@ def test_groups_follow_nodes_and_inter_node_traffic_is_one_copy_per_other_group(
     outputs = []
     try:
         for node in nodes:
-            outputs.append(node.communicate(timeout=240)[0])
+            outputs.append(node.communicate(timeout=400)[0])  # a hang guard (the rendezvous alone may take 120 s)
     finally:
         for node in nodes:
             node.kill()

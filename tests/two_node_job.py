@@ -20,13 +20,14 @@ from lsgd_lightning import LSGDStrategy
 from tests import models
 
 GLOBAL_ROUNDS, TAU, LOCAL_TAU = 3, 4, 2
+# The collective timeout, which is also how long the four processes (two launches, each starting a child that
+# re-runs this script) wait for each other at the rendezvous; start-ups differ by tens of seconds under load.
+TIMEOUT = timedelta(seconds=120)
 
 
 def main(out: Path) -> None:
     pl.seed_everything(0, verbose=False)
-    strategy = LSGDStrategy(
-        tau=TAU, local_tau=LOCAL_TAU, group_size="node", final_sync=False, timeout=timedelta(seconds=60)
-    )
+    strategy = LSGDStrategy(tau=TAU, local_tau=LOCAL_TAU, group_size="node", final_sync=False, timeout=TIMEOUT)
     trainer = pl.Trainer(
         accelerator="cpu",
         num_nodes=2,

@@ -21,6 +21,7 @@ import contextlib
 import multiprocessing
 import os
 import pickle
+import random
 import runpy
 import signal
 import socket
@@ -72,10 +73,32 @@ class LocalJobTimeout(LocalJobError, TimeoutError):
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for ``MASTER_PORT``)."""
+    """A TCP port free on 127.0.0.1 now that no outgoing connection can take before the job binds it (``MASTER_PORT``).
+
+    Nothing holds the port between this call and rank 0's TCPStore binding it (the workers' start-up: seconds, a
+    minute on a loaded machine). A port from ``bind(0)`` lies in the kernel's ephemeral range, from which it also
+    picks the local port of every outgoing connection (gloo's pairs, other jobs' store clients), and one taken in
+    between makes the store fail with EADDRINUSE. Ports below that range are only taken by an explicit ``bind``, so
+    one is drawn there at random (``bind(0)`` if none is free).
+    """
+    low, draw = _ephemeral_ports_start(), random.SystemRandom()
+    for _ in range(64 if low > 11000 else 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", draw.randrange(10000, low)))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def clean_launch_env(base: dict[str, str] | None = None) -> dict[str, str]:

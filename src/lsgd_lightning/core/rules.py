@@ -104,18 +104,45 @@ def elastic_exchange(x: Tensor, center: Tensor, alpha: float) -> tuple[Tensor, T
     return x - delta, center + delta
 
 
+def eamsgd_local_step(
+    x: Tensor, velocity: Tensor, lookahead: Tensor, gradient: Tensor, lr: float, momentum: float, weight_decay: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """EAMSGD's local step (Sec. 3.2, eq. 7; Algorithm 2), the momentum seeing the gradient only::
+
+        v <- δ v - η (g + λ y)        g: the stochastic gradient at the look-ahead point y = x + δ v
+        x <- x + v
+        y <- x + δ v                  where the next gradient is taken
+
+    ``momentum`` is δ, ``weight_decay`` λ (the gradient of λ/2 ||·||² at y, as in the authors' code). The elastic
+    force moves x alone (:func:`elastic_round`, :func:`elastic_exchange`), never v. Returns ``(x', v', y')``.
+    """
+    new_velocity = velocity * momentum - lr * (gradient + weight_decay * lookahead)
+    new_x = x + new_velocity
+    return new_x, new_velocity, new_x + momentum * new_velocity
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # DOWNPOUR (Dean et al., NIPS 2012)
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def downpour_push(held: Tensor, x: Tensor, fetched: Tensor, is_parameter: Tensor) -> Tensor:
-    """The parameter holder after one worker's push: ``w + (x - x_fetched)`` where ``is_parameter`` (bool, same shape).
-
-    ``x - x_fetched`` is the sum of the worker's local updates since its last fetch. Elements that are buffers (e.g.
-    BatchNorm statistics) take the pushing worker's values: summing their moves could overshoot.
+def downpour_round(
+    held: Tensor, x: Tensor, baseline: Tensor, is_parameter: Tensor, push: bool, fetch: bool, push_scale: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One DOWNPOUR round with Dean et al.'s separate periods (n_push, n_fetch): ``x - baseline`` is the worker's
+    update accrued since its last push. Push: ``w <- w + s (x - baseline)``, nothing is accrued any more
+    (``baseline <- x``); fetch: ``x <- w``, the accrued update carried over (``baseline <- w - accrued``). Both: the
+    push first, so the fetched ``w`` holds it. Buffers (``is_parameter`` False) are copied, never summed: pushed
+    from the worker, fetched from the holder. ``s`` is ``push_scale``. All tensors have one shape (a flat bucket;
+    ``is_parameter`` bool). Returns ``(w', x', baseline')``.
     """
-    return torch.where(is_parameter, held + (x - fetched), x)
+    if push:
+        held = torch.where(is_parameter, held + push_scale * (x - baseline), x)
+        baseline = x
+    if fetch:
+        accrued = x - baseline
+        x, baseline = held, torch.where(is_parameter, held - accrued, held)
+    return held, x, baseline
 
 
 # ------------------------------------------------------------------------------------------------------------------

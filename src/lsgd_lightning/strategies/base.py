@@ -224,11 +224,12 @@ class ReplicaStrategy(SupervisedStrategy, ABC):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING
-        if fitting or self._steps == 0:
+        if fitting or (self._steps == 0 and not self._evaluating_checkpoint):
             super().setup(trainer)  # outside fitting this broadcasts rank 0's weights (all equal there)
         else:
-            # Evaluating after `fit` in the same process: keep each rank's own weights (the reference model is
-            # swapped in for evaluation), so DDPStrategy's rank-0 broadcast must not overwrite them.
+            # Evaluating after `fit` in the same process, or a checkpoint loaded before `setup` (each rank's own
+            # shard with eval_on="local"): keep each rank's weights, so DDPStrategy's rank-0 broadcast must not
+            # overwrite them.
             assert self.accelerator is not None
             self.accelerator.setup(trainer)
             self.precision_plugin.convert_module(self.model)

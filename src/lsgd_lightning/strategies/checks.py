@@ -165,6 +165,48 @@ def check_adpsgd_options(topology: Any, seed: Any, schedule: Any) -> None:
         )
 
 
+def check_eamsgd_optimizer(strategy: str, optimizers: Sequence[Optimizer]) -> torch.optim.SGD:
+    """EAMSGD (``momentum_rule="eamsgd"``) takes η, δ and λ from one ``torch.optim.SGD`` and steps Nesterov's
+    momentum itself: heavy-ball momentum, dampening and maximize are refused by name."""
+    algorithm = f"{strategy} with momentum_rule='eamsgd'"
+    optimizer = single_sgd(algorithm, optimizers)
+    refuse_sgd_setting(
+        algorithm,
+        optimizer,
+        "momentum",
+        lambda v: is_number(v) and 0 <= v < 1,
+        "EAMSGD's momentum term δ (SGD's momentum) must be in [0, 1); 0 gives plain EASGD.",
+    )
+    for index, group in enumerate(optimizer.param_groups):
+        if group["momentum"] > 0 and not group.get("nesterov"):
+            raise ValueError(
+                f"{algorithm} does not support SGD nesterov=False with momentum={group['momentum']!r} (param group "
+                f"{index}): EAMSGD is Nesterov's momentum (the gradient taken at x + δv). Use nesterov=True (δ = "
+                "momentum), or momentum=0 for plain EASGD."
+            )
+    why = "EAMSGD's velocity is v <- δ v - η g, without dampening; use dampening=0."
+    refuse_sgd_setting(algorithm, optimizer, "dampening", lambda v: v == 0, why)
+    refuse_sgd_setting(algorithm, optimizer, "maximize", lambda v: not v, "it minimizes the loss.")
+    return optimizer
+
+
+DOWNPOUR_SCALES = ("1/P",)
+
+
+def check_downpour_options(
+    tau: Any, push_every: Any, fetch_every: Any, push_scale: Any
+) -> tuple[int, int, float | str]:
+    """DOWNPOUR's periods (``tau`` is the period of whichever of the two is not given) and its push scale."""
+    check_int("tau", tau, minimum=1)
+    push_every = tau if push_every is None else push_every
+    fetch_every = tau if fetch_every is None else fetch_every
+    check_int("push_every", push_every, minimum=1)
+    check_int("fetch_every", fetch_every, minimum=1)
+    if push_scale not in DOWNPOUR_SCALES and (not is_number(push_scale) or not (0.0 < push_scale <= 1.0)):
+        raise ValueError(f"push_scale must be a number in (0, 1] or '1/P' (1 / world_size), got {push_scale!r}.")
+    return push_every, fetch_every, push_scale if isinstance(push_scale, str) else float(push_scale)
+
+
 def single_sgd(algorithm: str, optimizers: Sequence[Optimizer]) -> torch.optim.SGD:
     """The one ``torch.optim.SGD`` the algorithm runs with, or a ``ValueError`` naming what was given."""
     if len(optimizers) != 1:

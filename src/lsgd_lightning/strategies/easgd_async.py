@@ -21,6 +21,11 @@ workers' moves of c are sequential, not summed in one step.
 Communicated per round: the center read and written back, 2 · 4·d bytes for float32 (d = floating-point
 parameters and buffers) through the store served by the rank-0 process: 8·d / tau bytes per step, twice the
 synchronous EASGD's all-reduce payload, with no worker waiting for another.
+
+``momentum_rule="eamsgd"`` is the paper's Algorithm 2 (asynchronous EAMSGD), as the authors' code runs it
+(``sixin-zh/mpiT``, ``BiCNN/optim-eamsgd.lua``): the transaction moves x (not the look-ahead x + δv that the model
+holds) and the center, and the worker's next gradient is taken at the look-ahead of the x from before the
+transaction; see :mod:`.easgd` for the momentum step and what SGD supplies.
 """
 
 from __future__ import annotations
@@ -35,15 +40,18 @@ from typing_extensions import override
 from ..core.rules import elastic_alpha, elastic_exchange, squared_distance
 from .asynchronous import AsynchronousStrategy
 from .checks import check_elastic_rates
+from .easgd import ElasticStrategy
 
 
-class AsyncEASGDStrategy(AsynchronousStrategy):
+class AsyncEASGDStrategy(ElasticStrategy, AsynchronousStrategy):
     """Asynchronous EASGD: each worker, every ``tau`` of its own steps, and the center attract each other.
 
     Args:
         tau: a worker's optimizer steps between its rounds (>= 1).
         beta: ``alpha = beta / world_size`` unless ``moving_rate`` is given, in (0, 1].
         moving_rate: alpha itself, in (0, 1) (overrides ``beta``).
+        momentum_rule: ``"optimizer"`` (the optimizer's own step) or ``"eamsgd"`` (Algorithm 2: the strategy steps
+            SGD's Nesterov momentum and the elastic force moves x, not x + δv).
         **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (evaluate the center, or ``"local"``),
             ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and Lightning's process arguments.
 
@@ -67,16 +75,16 @@ class AsyncEASGDStrategy(AsynchronousStrategy):
         moved: list[Tensor] = []
 
         def exchange(own: list[Tensor], center: list[Tensor]) -> list[Tensor]:
-            pairs = [elastic_exchange(x, c, self.alpha) for x, c in zip(own, center)]
+            pairs = [elastic_exchange(x, c, self.alpha) for x, c in zip(self._elastic_own(own), center)]
             moved.extend(x for x, _ in pairs)
             return [c for _, c in pairs]
 
-        own = self.layout.masters()
+        own = self._elastic_own(self.layout.masters())
         diverged, _ = self._transact(exchange)
         if diverged:
             return {}
         squared = torch.zeros((), dtype=torch.float64, device=self.root_device)
-        for bucket, x, new in zip(self.layout.floating_buckets, own, moved):
+        for x, new in zip(own, moved):
             squared += squared_distance(x, new)  # ||δ|| = alpha ||x - c||
-            bucket.unpack(new)
+        self._take_elastic(moved)
         return {"easgd/dist_to_center": math.sqrt(float(squared)) / self.alpha}

@@ -118,6 +118,13 @@ class LSGDStrategy(PeriodicStrategy):
             # Every rank sets up the same Trainer runs, so all of them create this group together.
             self._transfer_group = dist.new_group(timeout=self._timeout)
 
+    @override
+    def _release_process_groups(self) -> bool:
+        if self.round_in_flight:
+            return False  # destroying the group would wait for the transfer (up to the timeout after a failure)
+        self._transfer_group = None
+        return super()._release_process_groups()
+
     # ------------------------------------------------------------------------------------------------ rounds
     def _round_step(self, step: int) -> bool:
         return step % self.tau == 0

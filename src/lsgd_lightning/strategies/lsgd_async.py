@@ -75,6 +75,12 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
     ) -> None:
         check_fraction("pull_strength", pull_strength)
         check_choice("variant", variant, VARIANTS)
+        multi = sorted({"group_size", "local_tau", "local_pull_strength"} & kwargs.keys())
+        if multi:
+            raise ValueError(
+                f"lsgd_async does not take {', '.join(multi)}: it runs Algorithm 1 with one group of workers; the "
+                "multi-leader asynchronous form is not implemented. Use 'lsgd_multi' (synchronous) for local leaders."
+            )
         super().__init__(tau=tau, loss_window=leader_window, **kwargs)
         self.pull_strength = float(pull_strength)
         self.variant = variant

@@ -110,6 +110,13 @@ class MultiLeaderLSGDStrategy(LSGDStrategy):
                 dist.new_group([ranks[j] for ranks in self.groups], timeout=self._timeout) for j in range(size)
             ]
 
+    @override
+    def _release_process_groups(self) -> bool:
+        if not super()._release_process_groups():
+            return False
+        self._row_group, self._column_groups, self.groups = None, [], []
+        return True
+
     def _group_of(self, rank: int) -> list[int]:
         return self.groups[rank // len(self.groups[0])]
 

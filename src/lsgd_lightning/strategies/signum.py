@@ -32,8 +32,8 @@ checkpoint's main file and ``final_sync`` use the parameters with the workers' a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import torch
@@ -47,6 +47,7 @@ from ..core.rules import signum_momentum, signum_step
 from ..core.signs import majority_vote_packed, pack_signs, packed_words
 from .checks import refuse_sgd_setting, single_sgd
 from .every_step import EveryStepStrategy
+from .stepping import replaced_step
 
 
 class SignumStrategy(EveryStepStrategy):
@@ -139,7 +140,7 @@ class SignumStrategy(EveryStepStrategy):
     # ------------------------------------------------------------------------------------------------------------
     @override
     def _local_step(self, optimizer: Optimizer) -> AbstractContextManager[None]:
-        return _gradients_only(optimizer)  # Lightning runs the closure; SGD's own update is skipped
+        return replaced_step(optimizer)  # Lightning runs the closure; SGD's own update is skipped
 
     @override
     def _after_local_step(self) -> None:
@@ -201,25 +202,3 @@ class SignumStrategy(EveryStepStrategy):
 def _split_like(flat: Tensor, tensors: list[Tensor]) -> list[Tensor]:
     """Views of ``flat`` shaped like ``tensors`` (consecutive)."""
     return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
-
-
-@contextmanager
-def _gradients_only(optimizer: Optimizer) -> Iterator[None]:
-    """Let Lightning run ``optimizer.step(closure)`` (forward, backward, clipping, hooks) without SGD's update.
-
-    The optimizer's ``step`` is shadowed on this one instance for the duration of the call, so its state and
-    hyperparameters stay untouched.
-    """
-    previous = optimizer.__dict__.get("step")
-
-    def step(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
-        return closure() if closure is not None else None
-
-    optimizer.step = step  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        if previous is None:
-            del optimizer.step
-        else:
-            optimizer.step = previous  # type: ignore[method-assign]

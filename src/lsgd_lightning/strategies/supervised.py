@@ -23,6 +23,7 @@ from .._twins import describe
 from ..core.health import HealthBoard, new_board
 from .job_control import JobControl, report_exception
 from .registration import register_launcher_variants
+from .shutdown import release_process_groups_at_exit
 
 
 class SupervisedStrategy(DDPStrategy):
@@ -49,9 +50,15 @@ class SupervisedStrategy(DDPStrategy):
 
     def _supervise(self, trainer: pl.Trainer) -> None:
         """A health board for this run; when fitting with several workers, the job control on ``trainer``."""
+        release_process_groups_at_exit(self)  # a worker that trained must exit 0: see shutdown.py
         self._health = new_board(self.global_rank, self.world_size, self._timeout)
         if trainer.state.fn == TrainerFn.FITTING and self.world_size > 1:
             self._job = JobControl.start(trainer, self._health, self._timeout)
+
+    def _release_process_groups(self) -> bool:
+        """At interpreter exit (:mod:`.shutdown`): drop the process groups this strategy created; ``False`` while
+        one of them still has a collective in flight."""
+        return True
 
     def _handling_failure(self) -> bool:
         return self._job is not None and self._job.handling_failure()
