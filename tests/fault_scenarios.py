@@ -56,7 +56,7 @@ STRATEGIES: dict[str, tuple[type, dict[str, Any], type]] = {
         models.Regressor,
     ),
 }
-CHECKPOINT_EVAL = ("lsgd", "lsgd_local", "easgd", "dpsgd", "lsgd_async", "easgd_async", "downpour")
+CHECKPOINT_EVAL = ("lsgd", "lsgd_local", "easgd", "dpsgd", "adpsgd", "lsgd_async", "easgd_async", "downpour")
 CHECKPOINT_EVAL += ("diloco", "streaming_diloco")
 
 

@@ -17,7 +17,7 @@ from tests.fault_scenarios import CHECKPOINT_EVAL, SIGTERM_STEP, STRATEGIES, run
 from tests.multiproc import rank_results, scenario_job
 
 WORLD = 2
-ASYNC = ("lsgd_async", "easgd_async", "downpour")
+ASYNC = ("lsgd_async", "easgd_async", "downpour", "adpsgd")  # workers at different steps between meeting points
 SCENARIOS = [
     *(f"ckpt_{name}" for name in CHECKPOINT_EVAL),
     *(f"sigterm_{name}" for name in STRATEGIES),

@@ -43,3 +43,22 @@ def test_straggler_runs_and_writes_its_tables(tmp_path: Path) -> None:
         assert (float(row["slept_s"]) > 0) == slowed
         assert row["steps"] == "4"
     assert (tmp_path / "straggler.png").stat().st_size > 0
+
+
+def test_straggler_runs_adpsgd_beside_dpsgd_and_lsgd(tmp_path: Path) -> None:
+    """D-PSGD and AD-PSGD have no period (--tau is not passed to them); the AD-PSGD verdict shows the three ratios."""
+    run_script(
+        "straggler.py",
+        *("--strategies", "lsgd,dpsgd,adpsgd", "--workers", "2", "--epochs", "1", "--batches", "3", "--warmup", "1"),
+        *("--tau", "2", "--repeats", "1", "--out", str(tmp_path)),
+        timeout=300,
+    )
+    text = (tmp_path / "straggler.md").read_text()
+    for label in ("dpsgd", "dpsgd + straggler", "adpsgd", "adpsgd + straggler"):
+        assert re.search(rf"^\| {re.escape(label)} \| [\d.]+ \| [\d.]+ \|", text, re.MULTILINE), label
+    assert re.search(
+        r"\| P=2: adpsgd: fast workers' rate with a 2x straggler, over without \(P = 2: .*\) \| "
+        r"adpsgd [\d.]+x, dpsgd [\d.]+x, lsgd [\d.]+x \| reported \|",
+        text,
+    )
+    assert "| P=2: every rank holds the final model after fit (final_sync) | max weight spread 0.0e+00 | yes |" in text

@@ -12,9 +12,9 @@ Where workers do meet (what keeps Lightning's contract, checkpoints and the end 
 - Before every collective on ``torch.distributed`` that anyone runs during the fit (Lightning's checkpointing and
   ``sync_dist`` logging, torchmetrics' syncs, early stopping, a callback's own collectives), before evaluation on the
   shared model and at the end of training, workers rendezvous on the store
-  (:class:`~lsgd_lightning.core.guard.CollectiveGuard`). A fast worker waits there for the slow ones for as long as
-  they keep training (a collective would give up after the process group's timeout); it fails with the culprit's
-  rank if one of them raised or started no batch for ``timeout``.
+  (:class:`~lsgd_lightning.core.guard.CollectiveGuard`, through :class:`~.meetings.MeetingPoints`). A fast worker
+  waits there for the slow ones for as long as they keep training (a collective would give up after the process
+  group's timeout); it fails with the culprit's rank if one of them raised or started no batch for ``timeout``.
 - Lightning's per-step SIGTERM broadcast is replaced by a flag on the store (:mod:`.job_control`), as for every
   strategy of the package; a SIGTERM stops every worker at a common batch (the fast ones wait there for the slow
   ones to catch up, so that a checkpoint written on the way out holds every worker at the same step).
@@ -33,7 +33,7 @@ A subclass implements :meth:`_communication_round` (one transaction on ``self.bo
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -43,20 +43,15 @@ from typing_extensions import override
 
 from ..core.board import StoreBoard
 from ..core.flat import to_master
-from ..core.guard import CollectiveGuard
+from .meetings import MeetingPoints
 from .periodic import PeriodicStrategy
 
 
-class AsynchronousStrategy(PeriodicStrategy):
+class AsynchronousStrategy(MeetingPoints, PeriodicStrategy):
     """Base: rounds are transactions on a :class:`StoreBoard`; workers meet only where Lightning needs them to.
 
     Subclasses implement :meth:`_communication_round`, :meth:`_reference_weights` and :meth:`_publish_initial`.
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._board: StoreBoard | None = None
-        self._guard = CollectiveGuard(self._meet)  # installed between the board's setup and the end of training
 
     @property
     def board(self) -> StoreBoard:
@@ -109,22 +104,13 @@ class AsynchronousStrategy(PeriodicStrategy):
         super().setup(trainer)
         if trainer.state.fn != TrainerFn.FITTING or self.world_size == 1:
             return
-        assert self._health is not None
-        self._board = StoreBoard(
-            f"{self._health.prefix}/async",
-            self.global_rank,
-            self.world_size,
-            self._timeout_s(),
-            self.comm,
-            self.root_device,
-            health=self._health,
-        )
+        board = self._open_board("async")
         if self.is_global_zero:
             self._publish_initial(self._resumed_reference_flats())
         self._prepare_board()
         self._resumed_main_state_dict = None
         super().barrier("lsgd_lightning.async_board_ready")  # nobody reads the board before rank 0 has filled it
-        self._board.while_waiting = self._waiting
+        board.while_waiting = self._waiting
         if self._job is not None:
             self._job.while_waiting = self._waiting
         self._guard.install()
@@ -138,9 +124,6 @@ class AsynchronousStrategy(PeriodicStrategy):
     def _waiting(self) -> None:
         with self._guard.bypass():  # the strategy's own collectives, at a point where every worker takes part
             self._while_waiting()
-
-    def _meet(self, what: str) -> None:
-        self.board.rendezvous(what)
 
     def _resumed_reference_flats(self) -> list[Tensor] | None:
         """The shared model saved in the checkpoint's main file, packed like the layout (None on a fresh start)."""
@@ -163,33 +146,5 @@ class AsynchronousStrategy(PeriodicStrategy):
         return {**super()._comm_metrics(), "async/transaction": float(self.board.transaction)}
 
     @override
-    def _swap_in_reference(self) -> None:
-        if self._guard.installed and self.eval_on != "local" and not self._evaluating_checkpoint:
-            # Evaluate once everyone got here: the board is then still and every rank sees the same version.
-            self.board.rendezvous("evaluation on the shared model")
-        with self._guard.bypass():
-            super()._swap_in_reference()
-
-    @override
-    def on_train_end(self) -> None:
-        if not self._guard.installed:
-            return super().on_train_end()
-        self.board.rendezvous("the end of training")  # every worker has finished: the board no longer changes
-        with self._guard.bypass():
-            self._settle_board()
-            super().on_train_end()  # final sync: read the shared model from the board
-            super().barrier("lsgd_lightning.async_end")  # rank 0 serves the store: keep it until everyone has read
-        self._guard.uninstall()
-
-    def _settle_board(self) -> None:
-        """At the end of training, with every worker present: bring the board up to date (a collective)."""
-
-    @override
-    def on_exception(self, exception: BaseException) -> None:
-        self._guard.uninstall()
-        super().on_exception(exception)
-
-    @override
-    def teardown(self) -> None:
-        self._guard.uninstall()
-        super().teardown()
+    def _meet(self, what: str) -> None:
+        self.board.rendezvous(what)

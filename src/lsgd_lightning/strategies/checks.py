@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from ..core.pairing import AD_PSGD_TOPOLOGIES, SCHEDULES
+
 
 def is_number(value: Any) -> bool:
     """A finite int or float (``bool`` excluded)."""
@@ -188,6 +190,19 @@ def check_elastic_rates(beta: Any, moving_rate: Any) -> tuple[float, float | Non
     if moving_rate is not None and (not is_number(moving_rate) or not (0.0 < moving_rate < 1.0)):
         raise ValueError(f"moving_rate (alpha) must be a number in (0, 1) or None, got {moving_rate!r}.")
     return float(beta), None if moving_rate is None else float(moving_rate)
+
+
+def check_adpsgd_options(topology: Any, seed: Any, schedule: Any) -> None:
+    """AD-PSGD's settings: its neighbours, the seed of the partners' draws, and the schedule."""
+    if topology not in AD_PSGD_TOPOLOGIES:
+        raise ValueError(f"AD-PSGD topology must be one of {AD_PSGD_TOPOLOGIES}, got {topology!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    if schedule not in SCHEDULES:
+        raise ValueError(
+            f"AD-PSGD schedule must be 'asynchronous' (the paper's: no global step, each active waits only for the "
+            f"partner it drew) or 'lockstep' (a deterministic pairing per step), got {schedule!r}."
+        )
 
 
 def check_eamsgd_optimizer(strategy: str, optimizers: Sequence[Optimizer]) -> torch.optim.SGD:
