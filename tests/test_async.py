@@ -186,7 +186,7 @@ def test_a_worker_that_vanishes_is_named_after_the_timeout(tmp_path: Path) -> No
         (lambda: AsyncLSGDStrategy(pull_strength=1.5), "pull_strength must be a number in [0, 1]"),
         (lambda: AsyncLSGDStrategy(tau=0), "tau must be an integer >= 1"),
         (lambda: AsyncLSGDStrategy(leader_window=0), "leader_window must be an integer >= 1"),
-        (lambda: AsyncLSGDStrategy(eval_on="center"), "eval_on must be 'leader' or 'local'"),
+        (lambda: AsyncLSGDStrategy(eval_on="center"), "eval_on must be 'leader', 'average' or 'local'"),
         (lambda: AsyncEASGDStrategy(moving_rate=1.0), "moving_rate (alpha) must be a number in (0, 1)"),
         (lambda: AsyncEASGDStrategy(beta=0.0), "beta must be a number in (0, 1]"),
         (lambda: DownpourStrategy(tau=-1), "tau must be an integer >= 1"),
