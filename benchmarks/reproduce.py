@@ -337,6 +337,7 @@ def measure(args: argparse.Namespace, meta: dict[str, Any]) -> None:
     subset = args.work_dir / f"cifar10-subset-{preset.train_per_class}-{preset.test_per_class}"
     root = make_subset(args.data_root.resolve(), subset, preset.train_per_class, preset.test_per_class)
     meta["preset_name"], meta["preset"] = args.preset, asdict(preset)
+    meta["strategy_overrides"] = {name: list(changes) for name, (changes, _) in STRATEGY_OVERRIDES.items()}
     meta["data"] = (
         f"{preset.train_per_class or 'all'} train / {preset.test_per_class or 'all'} test images per class "
         f"of `{args.data_root}`"

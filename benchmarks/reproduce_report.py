@@ -155,9 +155,14 @@ def _settings(meta: dict[str, Any], runs: list[Run]) -> str:
         f"- preset: `experiment={preset['experiment']}` with {' '.join(preset['overrides']) or 'no changes'}; "
         f"data: {meta['data']}; evaluation every {every}{budget}\n"
     )
-    for name, (changes, why) in STRATEGY_OVERRIDES.items():
+    # What the runs were started with (recorded since LSGD evaluates the average); older results: d2 and signum only.
+    used = meta.get("strategy_overrides", {k: list(v[0]) for k, v in STRATEGY_OVERRIDES.items() if k != "lsgd"})
+    for name, changes in used.items():
         if any(r.record.strategy == name for r in runs):
+            why = STRATEGY_OVERRIDES[name][1] if name in STRATEGY_OVERRIDES else "recorded with the run"
             text += f"- {name} runs with `{' '.join(changes)}` on top of the preset ({why})\n"
+    if "strategy_overrides" not in meta and any(r.record.strategy == "lsgd" for r in runs):
+        text += "- lsgd evaluates the leader (these runs predate `eval_on=\"average\"`)\n"
     return text
 
 
