@@ -84,7 +84,9 @@ def make_strategy(name: str, **extra: Any) -> pl.strategies.Strategy:
     return cls(**{**SETTINGS.get(name, {}), "timeout": TIMEOUT, **extra})
 
 
-def fit(strategy: pl.strategies.Strategy, device: str, devices: int = 1, **kwargs: Any) -> pl.Trainer:
+def fit(
+    strategy: pl.strategies.Strategy, device: str, devices: int = 1, ckpt_path: Path | None = None, **kwargs: Any
+) -> pl.Trainer:
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
         devices=devices,
@@ -96,8 +98,13 @@ def fit(strategy: pl.strategies.Strategy, device: str, devices: int = 1, **kwarg
         enable_model_summary=False,
         **kwargs,
     )
-    trainer.fit(Classifier(), loader())
+    trainer.fit(Classifier(), loader(), ckpt_path=ckpt_path)
     return trainer
+
+
+def shared_device(device: str) -> dict[str, Any]:
+    """Strategy settings for several ranks on one device: gloo on a GPU (NCCL refuses two ranks on one device)."""
+    return {"process_group_backend": "gloo"} if device == "cuda" else {}
 
 
 def finite_on(module: nn.Module, device: str) -> None:
@@ -162,8 +169,7 @@ def check_no_host_sync(device: str) -> str:
 
 
 def _shared_gpu_worker(rank: int, world_size: int, name: str, device: str) -> float:
-    extra = {"process_group_backend": "gloo"} if device == "cuda" else {}
-    trainer = fit(make_strategy(name, **extra), device, devices=world_size)
+    trainer = fit(make_strategy(name, **shared_device(device)), device, devices=world_size)
     finite_on(trainer.lightning_module, device)
     comm = getattr(trainer.strategy, "comm", None)
     return float(comm.bytes) if comm is not None else 0.0
@@ -175,22 +181,11 @@ def check_shared_gpu(name: str, device: str, world_size: int) -> str:
 
 
 def _checkpoint_worker(rank: int, world_size: int, folder: str, device: str) -> int:
-    extra = {"process_group_backend": "gloo"} if device == "cuda" else {}
-    strategy = make_strategy("lsgd", tau=2, overlap_steps=1, **extra)
-    trainer = fit(strategy, device, devices=world_size, max_steps=5)  # the round of step 4 is in flight
+    settings = {"tau": 2, "overlap_steps": 1, **shared_device(device)}
+    trainer = fit(make_strategy("lsgd", **settings), device, devices=world_size, max_steps=5)  # round 4 in flight
     path = Path(folder) / "in_flight.ckpt"
     trainer.save_checkpoint(path)
-    resumed = pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=world_size,
-        strategy=make_strategy("lsgd", tau=2, overlap_steps=1, **extra),
-        max_steps=9,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    resumed.fit(Classifier(), loader(), ckpt_path=path)
+    resumed = fit(make_strategy("lsgd", **settings), device, devices=world_size, ckpt_path=path, max_steps=9)
     finite_on(resumed.lightning_module, device)
     return resumed.global_step
 
