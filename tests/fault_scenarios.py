@@ -121,10 +121,13 @@ class SigtermAt(pl.Callback):
     def __init__(self, rank: int, step: int) -> None:
         self.rank, self.step = rank, step
         self.sent_at: float | None = None
+        self.furthest: int | None = None  # the most batches any worker had started when the signal was sent
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step and self.sent_at is None:
             self.sent_at = time.monotonic()
+            job = trainer.strategy._job
+            self.furthest = max(job.health.progress(range(trainer.world_size)))
             os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -132,7 +135,8 @@ def sigterm_stop(name: str, rank: int, out: Path) -> dict[str, Any]:
     pl.seed_everything(SEED, verbose=False)
     strategy, model_class = make(name, **({} if name == "dataparallel" else {"final_sync": False}))
     sender = SigtermAt(SIGTERM_RANK, SIGTERM_STEP)
-    job = trainer(strategy, max_steps=40, callbacks=[sender, OnExceptionCheckpoint(out, filename="sigterm")])
+    # max_steps far beyond SIGTERM_STEP: an asynchronous worker may run ahead of the signalled one by any number
+    job = trainer(strategy, max_steps=200, callbacks=[sender, OnExceptionCheckpoint(out, filename="sigterm")])
     started = time.monotonic()
     stopped_by = None
     try:
@@ -144,6 +148,7 @@ def sigterm_stop(name: str, rank: int, out: Path) -> dict[str, Any]:
     return {
         "stopped_by": stopped_by,
         "global_step": job.global_step,
+        "furthest_at_signal": sender.furthest,
         "seconds": time.monotonic() - started,
         "checkpoint": (out / "sigterm.ckpt").is_file(),
         "shards": shards,

@@ -13,7 +13,7 @@ import torch
 
 from lsgd_lightning.strategies.checkpoints import shard_path
 from tests import models
-from tests.fault_scenarios import CHECKPOINT_EVAL, SIGTERM_STEP, STRATEGIES, run_fault_scenarios
+from tests.fault_scenarios import CHECKPOINT_EVAL, SIGTERM_RANK, SIGTERM_STEP, STRATEGIES, run_fault_scenarios
 from tests.multiproc import rank_results, scenario_job
 
 WORLD = 2
@@ -77,9 +77,15 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_complete_checkpoint(job: Pa
         assert result["stopped_by"] == "SIGTERMException", f"rank {rank}"
         assert result["seconds"] < 45, f"rank {rank} waited {result['seconds']:.0f} s"
         assert result["checkpoint"] and result["shards"] in ([f"rank_{r:05d}.pt" for r in range(WORLD)], [])
-    # a common batch: the signalled rank's next one, or wherever the furthest worker already was
+    # A common batch, never before one that a worker had already started (its collectives would be skipped). The
+    # synchronous strategies meet every 2 steps at most, so that is at most 2 past the signal; an asynchronous
+    # worker may be any number of batches ahead (on a loaded machine the other one may start late).
     steps = [r["global_step"] for r in got]
-    assert len(set(steps)) == 1 and SIGTERM_STEP <= steps[0] <= SIGTERM_STEP + 2, steps
+    furthest = got[SIGTERM_RANK]["furthest_at_signal"]
+    assert furthest is not None and furthest >= SIGTERM_STEP
+    assert len(set(steps)) == 1 and steps[0] >= furthest, (steps, furthest)
+    if name not in ASYNC:
+        assert steps[0] <= SIGTERM_STEP + 2, steps
     if name != "dataparallel":  # DataParallel's checkpoint is Lightning's single file
         assert got[0]["shards"] == [f"rank_{r:05d}.pt" for r in range(WORLD)]
 
