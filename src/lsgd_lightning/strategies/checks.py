@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from ..core.collectives import all_gather_single
 from ..core.pairing import AD_PSGD_TOPOLOGIES, SCHEDULES
 
 
@@ -283,7 +284,7 @@ def check_equal_epoch_lengths(batches_per_epoch: float, device: torch.device, st
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     lengths = torch.empty(dist.get_world_size(), dtype=torch.float64, device=device)
-    dist.all_gather_into_tensor(lengths, torch.tensor([batches_per_epoch], dtype=torch.float64, device=device))
+    all_gather_single(lengths, torch.tensor([batches_per_epoch], dtype=torch.float64, device=device))
     values = lengths.tolist()
     if any(math.isinf(v) for v in values):
         if dist.get_rank() == 0:
