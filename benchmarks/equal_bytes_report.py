@@ -24,8 +24,8 @@ CONFIGS = {
     "easgd": Config(("strategy=easgd", "strategy.tau=16"), "4·d'/16: the elastic differences"),
     "diloco": Config(("strategy=diloco", "strategy.tau=16"), "4·d'/16: the pseudo-gradients"),
     "streaming_diloco": Config(
-        ("strategy=streaming_diloco", "strategy.tau=4", "strategy.fragments=4", "strategy.overlap_steps=1"),
-        "(1 + 4/64)·d'/4: one fragment's 8-bit pseudo-gradient codes and scales",
+        ("strategy=streaming_diloco", "strategy.tau=16", "strategy.fragments=4", "strategy.overlap_steps=1"),
+        "P·(1 + 4/64)·d'/16: the all-gathered 8-bit codes and scales of one fragment per 4 steps",
     ),
 }
 
