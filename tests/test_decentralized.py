@@ -487,16 +487,7 @@ def test_single_worker_runs_the_local_algorithm(name: str) -> None:
     pl.seed_everything(SEED, verbose=False)
     model = PlainSGDRegressor() if name == "d2" else SignumRegressor()
     strategy = lsgd_lightning.D2Strategy() if name == "d2" else lsgd_lightning.SignumStrategy()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=strategy,
-        logger=False,
-        max_steps=steps,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = pl.Trainer(**models.trainer_options(1, strategy, max_steps=steps))
     trainer.fit(model, models.train_loader(1))
     if name == "d2":
         expected = sim.d2(1, steps, torch.ones(1, 1, dtype=torch.float64))[0].state()
