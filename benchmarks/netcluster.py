@@ -160,10 +160,7 @@ def node_main(spec: dict[str, Any]) -> None:
             num_nodes=spec["nodes"],
             strategy=_strategy({**spec, "config": config}),
             max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
+            **driver.QUIET_TRAINER,
             num_sanity_val_steps=0,
             callbacks=[meter],
         )

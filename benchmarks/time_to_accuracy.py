@@ -198,10 +198,7 @@ def node_main(spec: dict[str, Any]) -> None:
         max_epochs=cfg.trainer.max_epochs,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **driver.QUIET_TRAINER,
         callbacks=[clock],
     )
     trainer.fit(build_model(cfg, datamodule), train_dataloaders=datamodule.train_dataloader())
