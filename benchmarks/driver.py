@@ -37,6 +37,14 @@ Measure = Callable[[argparse.Namespace, dict[str, Any]], None]  # writes data fi
 Report = Callable[[Path, dict[str, Any]], str]  # reads a results folder: writes its plots, returns its markdown
 # The app's overrides for CIFAR-10's per-channel mean and std (the imagefolder config defaults to ImageNet's).
 CIFAR_NORMALIZATION = ["data.mean=[0.4914,0.4822,0.4465]", "data.std=[0.2470,0.2435,0.2616]"]
+# The Trainer settings of every measured fit: no logger, checkpoints, progress bar or model summary (they would cost
+# time and write files that say nothing about the measurement).
+QUIET_TRAINER: dict[str, Any] = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------

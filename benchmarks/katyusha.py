@@ -92,10 +92,7 @@ def real_worker(rank: int, world_size: int, settings: dict[str, Any]) -> dict[st
         strategy=strategy,
         precision="64-true",
         max_epochs=settings["epochs"],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **driver.QUIET_TRAINER,
     )
     model = QuadraticSum(problem, settings["lr"])
     trainer.fit(model, DataLoader(TensorDataset(problem.a), batch_size=settings["batch"]))

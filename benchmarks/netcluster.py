@@ -59,16 +59,7 @@ from typing import Any
 
 import driver
 from netcluster_report import CONFIGS, LSGD_CONFIGS, Summary, report
-from netns import (
-    cluster_up,
-    counters,
-    missing_capability,
-    rate_bits,
-    remove_stale_namespaces,
-    run_plan,
-    serve_node,
-    settled_counters,
-)
+from netns import cluster_up, counters, ready_to_measure, run_plan, serve_node, settled_counters
 
 
 def _strategy(spec: dict[str, Any]) -> Any:
@@ -160,10 +151,7 @@ def node_main(spec: dict[str, Any]) -> None:
             num_nodes=spec["nodes"],
             strategy=_strategy({**spec, "config": config}),
             max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
+            **driver.QUIET_TRAINER,
             num_sanity_val_steps=0,
             callbacks=[meter],
         )
@@ -255,9 +243,6 @@ def summarize(jobs: list[Job], rates: list[str], configs: list[str], copy: int) 
 
 def measure(args: argparse.Namespace, meta: dict[str, Any]) -> None:
     """Every (rate, configuration) ``--repeats`` times on one emulated cluster; writes the records and the medians."""
-    stale = remove_stale_namespaces()
-    if stale:
-        print(f"netcluster: removed namespaces left by killed earlier runs: {', '.join(stale)}")
     pairs = [{"rate": rate, "config": config} for rate in args.rates for config in args.configs]
     plan = []
     for repeat in range(args.repeats):  # every (rate, configuration) once per repeat, in a rotated order
@@ -308,14 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     driver.check_known(parser, args.configs, CONFIGS, "configuration(s)")
     if args.nodes < 2 or not re.fullmatch(r"\d{1,3}\.\d{1,3}\.\d{1,3}", args.subnet):
         parser.error("needs --nodes >= 2 and --subnet like 10.213.0")
-    for rate in args.rates:
-        try:
-            rate_bits(rate)
-        except ValueError as err:
-            parser.error(str(err))
-    reason = missing_capability() if args.report_only is None else None
-    if reason is not None:
-        print(f"netcluster: skipped, nothing measured: {reason}.")
+    if not ready_to_measure("netcluster", parser, args.rates, measuring=args.report_only is None):
         return 0
     driver.run("netcluster", args, argv, measure, report)
     return 0

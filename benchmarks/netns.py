@@ -9,6 +9,7 @@ needs Linux, root and iproute2.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,32 @@ def rate_bits(rate: str) -> float:
     unit = match.group(2).lower()
     scale = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[unit]
     return float(rate[: -len(unit)]) * scale
+
+
+def ready_to_measure(
+    script: str, parser: argparse.ArgumentParser, rates: Sequence[str], measuring: bool, hint: str = ""
+) -> bool:
+    """The checks a benchmark on the emulated cluster makes before it runs.
+
+    Every link rate in ``rates`` must be in tc syntax (else ``parser.error``). When ``measuring`` (not only
+    reporting): ``False`` after saying why this machine cannot make namespaces (``script: skipped, ...`` and
+    ``hint``), else the namespaces left by killed earlier runs are removed (saying so) and the answer is ``True``.
+    """
+    for rate in rates:
+        try:
+            rate_bits(rate)
+        except ValueError as err:
+            parser.error(str(err))
+    if not measuring:
+        return True
+    reason = missing_capability()
+    if reason is not None:
+        print(f"{script}: skipped, nothing measured: {reason}{hint}.")
+        return False
+    stale = remove_stale_namespaces()
+    if stale:
+        print(f"{script}: removed namespaces left by killed earlier runs: {', '.join(stale)}")
+    return True
 
 
 class Interrupted(Exception):

@@ -148,10 +148,7 @@ def timed_run(world_size: int, arch: str, config: Config, args: argparse.Namespa
         devices=world_size,
         strategy=make_strategy(config, args.timeout),
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **driver.QUIET_TRAINER,
         callbacks=[meter],
     )
     model = ImageClassifier(arch=arch, image_size=args.image_size, **config.optimizer)

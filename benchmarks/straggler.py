@@ -122,10 +122,7 @@ def fit_once(rank: int, world_size: int, config: Config, args: argparse.Namespac
         limit_train_batches=args.batches if args.batches else 1.0,
         limit_val_batches=0,  # no evaluation during training: it is a meeting point of the workers
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **driver.QUIET_TRAINER,
         callbacks=[clock],
     )
     start = time.perf_counter()

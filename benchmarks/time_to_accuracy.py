@@ -59,16 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import driver
-from netns import (
-    Loopback,
-    cluster_up,
-    counters,
-    missing_capability,
-    rate_bits,
-    remove_stale_namespaces,
-    run_plan,
-    serve_node,
-)
+from netns import Loopback, cluster_up, counters, ready_to_measure, run_plan, serve_node
 from time_to_accuracy_report import CURVES, RUNS, STRATEGIES, CurvePoint, RunRow, report
 
 # The model LSGD's curves evaluate: the workers' average, what the paper plots (DESIGN.md, "What the LSGD paper
@@ -198,10 +189,7 @@ def node_main(spec: dict[str, Any]) -> None:
         max_epochs=cfg.trainer.max_epochs,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **driver.QUIET_TRAINER,
         callbacks=[clock],
     )
     trainer.fit(build_model(cfg, datamodule), train_dataloaders=datamodule.train_dataloader())
@@ -378,24 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     driver.check_known(parser, args.strategies, STRATEGIES, "strategies")
     if args.nodes < 2 or args.budget <= 0 or args.eval_every <= 0 or args.check_every < 1 or args.tau < 2:
         parser.error("needs --nodes >= 2, --budget > 0, --eval-every > 0, --check-every >= 1 and --tau >= 2")
-    try:
-        rate_bits(args.rate)
-    except ValueError as err:
-        parser.error(str(err))
     args.override += [f"data.batch_size={args.batch_size}", f"data.eval_batch_size={args.eval_batch_size}"]
     if args.report_only is None and {"lsgd", "lsgd-overlap"} & set(args.strategies):
         from lsgd_lightning import LSGDStrategy  # here: importing the package imports Lightning
 
         if args.lsgd_eval_on not in LSGDStrategy.evaluated_models():
             parser.error(f"--lsgd-eval-on: LSGDStrategy evaluates one of {LSGDStrategy.evaluated_models()}")
-    if args.report_only is None and args.network == "netns":
-        reason = missing_capability()
-        if reason is not None:
-            print(f"time_to_accuracy: skipped, nothing measured: {reason} (or pass --network loopback).")
-            return 0
-        stale = remove_stale_namespaces()
-        if stale:
-            print(f"time_to_accuracy: removed namespaces left by killed earlier runs: {', '.join(stale)}")
+    measuring = args.report_only is None and args.network == "netns"
+    if not ready_to_measure("time_to_accuracy", parser, [args.rate], measuring, hint=" (or pass --network loopback)"):
+        return 0
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     driver.run("time_to_accuracy", args, argv, measure, report)
     return 0

@@ -7,7 +7,6 @@ weights, optimizer state, every round's logged metrics, validation losses, commu
 
 from __future__ import annotations
 
-import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lsgd_lightning import ADPSGDStrategy, D2Strategy, DPSGDStrategy, SignumStrategy
 from tests import models
+from tests.scenarios import rank_offset_model, run_scenarios
 
 SEED = 1234
 TIMEOUT = timedelta(seconds=60)
@@ -83,27 +83,12 @@ def fit(
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
     """Train from rank-dependent initial weights (the strategy must start everyone from rank 0's)."""
-    pl.seed_everything(SEED, verbose=False)
-    model = model_class()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.5 * rank)
+    model = rank_offset_model(model_class, rank)
     log = RoundLog()
     ckpt_path = trainer_kwargs.pop("ckpt_path", None)
     callbacks = [log, *trainer_kwargs.pop("callbacks", [])]
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": world_size,
-        "strategy": strategy,
-        "max_steps": steps,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        **trainer_kwargs,
-    }
-    trainer = pl.Trainer(callbacks=callbacks, **options)
+    options = models.trainer_options(world_size, strategy, max_steps=steps, callbacks=callbacks, **trainer_kwargs)
+    trainer = pl.Trainer(**options)
     trainer.fit(
         model,
         models.train_loader(world_size),
@@ -180,8 +165,4 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
 
 
 def run_decentralized_scenarios(rank: int, world_size: int, out: str, names: list[str]) -> None:
-    warnings.filterwarnings("ignore")
-    for name in names:
-        directory = Path(out) / name
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save(scenario(name, rank, world_size, directory), directory / f"rank{rank}.pt")
+    run_scenarios(rank, world_size, out, names, run=scenario, ignore=Warning)

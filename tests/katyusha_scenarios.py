@@ -9,7 +9,6 @@ non-convex: Hessian λI − a_i a_iᵀ) and λ above the top eigenvalue of (1/n)
 
 from __future__ import annotations
 
-import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lsgd_lightning import KatyushaXStrategy
+from tests.models import trainer_options
+from tests.scenarios import run_scenarios
 
 SEED = 1234
 TIMEOUT = timedelta(seconds=60)
@@ -91,19 +92,7 @@ def fit(
     with torch.no_grad():
         model.x.add_(0.5 * rank)
     ckpt_path = trainer_kwargs.pop("ckpt_path", None)
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": world_size,
-        "strategy": strategy,
-        "max_steps": steps,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        **trainer_kwargs,
-    }
-    trainer = pl.Trainer(**options)
+    trainer = pl.Trainer(**trainer_options(world_size, strategy, max_steps=steps, **trainer_kwargs))
     trainer.fit(model, train_loader(), ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return {
@@ -167,8 +156,4 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
 
 
 def run_katyusha_scenarios(rank: int, world_size: int, out: str, names: list[str]) -> None:
-    warnings.filterwarnings("ignore")
-    for name in names:
-        directory = Path(out) / name
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save(scenario(name, rank, world_size, directory), directory / f"rank{rank}.pt")
+    run_scenarios(rank, world_size, out, names, run=scenario, ignore=Warning)

@@ -1,4 +1,5 @@
-"""Tiny module-level models and data shared by the distributed scenarios and the reference simulation.
+"""Tiny module-level models, data and Trainer settings shared by the distributed scenarios and the reference
+simulation.
 
 The model is deliberately small but has what the strategies must handle: two layers, a floating-point buffer
 that the forward pass uses (mixed like a parameter) and an integer buffer (copied from the leader).
@@ -7,6 +8,7 @@ that the forward pass uses (mixed like a parameter) and an integer buffer (copie
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -16,6 +18,22 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 IN, HIDDEN, OUT = 6, 8, 3
 N_TRAIN, N_VAL, BATCH = 96, 32, 4
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 1e-3
+
+
+def trainer_options(world_size: int, strategy: pl.strategies.Strategy | str, **overrides: Any) -> dict[str, Any]:
+    """The tests' Trainer settings: ``world_size`` CPU processes, no logger, checkpoints, progress bar, model summary
+    or sanity validation; ``overrides`` added last (they win)."""
+    return {
+        "accelerator": "cpu",
+        "devices": world_size,
+        "strategy": strategy,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        **overrides,
+    }
 
 
 def dataset(n: int, seed: int, world_size: int) -> tuple[Tensor, Tensor]:

@@ -42,3 +42,10 @@ def scenario_job(prefix: str, fn: Callable[..., None], world_size: int, scenario
 def rank_results(job: Path, name: str, world_size: int, weights_only: bool = True) -> list[dict[str, Any]]:
     """What every rank of scenario ``name`` saved."""
     return [torch.load(job / name / f"rank{r}.pt", weights_only=weights_only) for r in range(world_size)]
+
+
+def assert_refused_before_the_first_step(results: list[dict[str, Any]], message: str) -> None:
+    """Every rank's saved result (of an ``expect_error`` scenario) holds an error containing ``message`` and no step."""
+    for rank, result in enumerate(results):
+        assert result["error"] is not None and message in result["error"], (rank, result)
+        assert result["steps"] == 0

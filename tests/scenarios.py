@@ -66,19 +66,23 @@ class Recorder(pl.Callback):
             self.val.append(float(trainer.callback_metrics["val_loss"]))
 
 
+def rank_offset_model(make_model: Any, rank: int) -> Any:
+    """A model from the one seed everywhere, then made to differ per rank (every parameter + 0.5·rank).
+
+    One seed everywhere, as users must: Lightning seeds the (always shuffled) training DistributedSampler with it, and
+    different seeds would give overlapping shards. The ranks' models are made to differ explicitly instead, so the
+    identical start (rank 0's weights, which the strategy must hand everyone) is exercised.
+    """
+    pl.seed_everything(SEED, verbose=False)
+    model = make_model()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.5 * rank)
+    return model
+
+
 def _trainer(world_size: int, strategy: pl.strategies.Strategy, recorder: Recorder, **kwargs: Any) -> pl.Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": world_size,
-        "strategy": strategy,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "callbacks": [recorder],
-    }
-    options.update(kwargs)
+    options = models.trainer_options(world_size, strategy, callbacks=[recorder], **kwargs)
     if "extra_callbacks" in options:
         options["callbacks"] = [recorder, *options.pop("extra_callbacks")]
     return pl.Trainer(**options)
@@ -94,14 +98,7 @@ def _fit(
     shuffle: bool = False,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
-    # One seed everywhere, as users must: Lightning seeds the (always shuffled) training DistributedSampler with
-    # it, and different seeds would give overlapping shards. The ranks' models are made to differ explicitly
-    # instead, so the identical start (rank 0's weights) is exercised.
-    pl.seed_everything(SEED, verbose=False)
-    model = make_model()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.5 * rank)
+    model = rank_offset_model(make_model, rank)
     recorder = Recorder()
     trainer_kwargs.setdefault("max_steps", STEPS)
     trainer = _trainer(world_size, strategy, recorder, **trainer_kwargs)
@@ -299,9 +296,17 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
     raise KeyError(name)
 
 
-def run_scenarios(rank: int, world_size: int, out: str, names: list[str], run: Any = None) -> None:
-    """Run the named scenarios of ``run`` (default: this module's :func:`scenario`) and save each rank's result."""
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+def run_scenarios(
+    rank: int,
+    world_size: int,
+    out: str,
+    names: list[str],
+    run: Any = None,
+    ignore: type[Warning] = DeprecationWarning,
+) -> None:
+    """Run the named scenarios of ``run`` (default: this module's :func:`scenario`) and save each rank's result;
+    warnings of the ``ignore`` category (``Warning``: all) are silenced."""
+    warnings.filterwarnings("ignore", category=ignore)
     for name in names:
         directory = Path(out) / name
         directory.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from tests import models
 from tests import simulation as sim
 from tests.multiproc import rank_results, scenario_job
 from tests.scenarios import BN_BATCHES, LSGD, MULTI_SEQUENTIAL, STEPS, VAL_EVERY, run_scenarios
-from tests.test_distributed import assert_states_close
+from tests.test_distributed import assert_states_close, assert_tested_after_fit
 
 WORLD = 4
 SCENARIOS = ["lsgd_eval_average", "lsgd_eval_average_bn", "lsgd_average_save_test", "lsgd_multi_sequential"]
@@ -114,11 +114,7 @@ def test_the_checkpoint_and_test_after_fit_hold_the_average_and_every_rank_keeps
     assert_states_close(main, average, "the checkpoint's main file")
     assert got[0]["main_holds"] == "average"  # what a resume with another number of workers says it starts from
     expected = sim.val_loss_of(models.Net(), average, WORLD)
-    for rank, result in enumerate(got):
-        assert result["test_loss"] == pytest.approx(expected, rel=1e-5)
-        assert_states_close(result["after_fit"], workers[rank].net.state_dict(), f"rank {rank} after fit")
-        for key, value in result["after_fit"].items():
-            assert torch.equal(result["after_test"][key], value), f"rank {rank}: {key} changed by trainer.test"
+    assert_tested_after_fit(got, expected, workers)
 
 
 def test_batchnorm_statistics_of_the_average_are_reestimated_on_training_batches(job: Path) -> None:

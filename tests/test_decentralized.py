@@ -37,7 +37,7 @@ from tests.decentralized_scenarios import (
     SignumRegressor,
     run_decentralized_scenarios,
 )
-from tests.multiproc import run_workers
+from tests.multiproc import assert_refused_before_the_first_step, rank_results, run_workers
 
 WORLD = 4
 SCENARIOS = [
@@ -65,7 +65,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def results(job: Path, name: str) -> list[dict[str, Any]]:
-    return [torch.load(job / name / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return rank_results(job, name, WORLD)
 
 
 def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
@@ -208,9 +208,7 @@ def test_signum_majority_vote_matches_simulation(job: Path) -> None:
     ],
 )
 def test_unsupported_optimizers_are_refused_before_the_first_step(job: Path, name: str, message: str) -> None:
-    for rank, result in enumerate(results(job, name)):
-        assert result["error"] is not None and message in result["error"], (rank, result)
-        assert result["steps"] == 0
+    assert_refused_before_the_first_step(results(job, name), message)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -487,16 +485,7 @@ def test_single_worker_runs_the_local_algorithm(name: str) -> None:
     pl.seed_everything(SEED, verbose=False)
     model = PlainSGDRegressor() if name == "d2" else SignumRegressor()
     strategy = lsgd_lightning.D2Strategy() if name == "d2" else lsgd_lightning.SignumStrategy()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=strategy,
-        logger=False,
-        max_steps=steps,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = pl.Trainer(**models.trainer_options(1, strategy, max_steps=steps))
     trainer.fit(model, models.train_loader(1))
     if name == "d2":
         expected = sim.d2(1, steps, torch.ones(1, 1, dtype=torch.float64))[0].state()

@@ -71,6 +71,22 @@ def assert_states_close(actual: dict[str, torch.Tensor], expected: dict[str, tor
             assert torch.equal(actual[key], expected[key]), f"{what}: {key}"
 
 
+def assert_each_rank_validated(got: list[dict[str, Any]], vals: list[float], workers: list[sim.Worker]) -> None:
+    """Every rank logged the simulation's validation losses ``vals`` and still holds its own simulated weights."""
+    for rank, result in enumerate(got):
+        assert result["val"] == pytest.approx(vals, rel=1e-5)
+        assert_states_close(result["state"], workers[rank].net.state_dict(), f"rank {rank} after validations")
+
+
+def assert_tested_after_fit(got: list[dict[str, Any]], expected_loss: float, workers: list[sim.Worker]) -> None:
+    """``trainer.test`` after fit scored ``expected_loss`` on every rank and left each rank its own fitted weights."""
+    for rank, result in enumerate(got):
+        assert result["test_loss"] == pytest.approx(expected_loss, rel=1e-5)
+        assert_states_close(result["after_fit"], workers[rank].net.state_dict(), f"rank {rank} after fit")
+        for key, value in result["after_fit"].items():
+            assert torch.equal(result["after_test"][key], value), f"rank {rank}: {key} changed by trainer.test"
+
+
 def simulate_lsgd(
     steps: int = STEPS,
     tau: int = LSGD["tau"],
@@ -160,9 +176,7 @@ def test_lsgd_eval_on_leader_validates_the_leader_without_disturbing_training(jo
     got = results(job, "lsgd_eval_leader")
     workers, _, vals = simulate_lsgd(val_every=VAL_EVERY, eval_on="leader")
     assert len(vals) == STEPS // VAL_EVERY
-    for rank, result in enumerate(got):
-        assert result["val"] == pytest.approx(vals, rel=1e-5)
-        assert_states_close(result["state"], workers[rank].net.state_dict(), f"rank {rank} after validations")
+    assert_each_rank_validated(got, vals, workers)
 
 
 def test_lsgd_eval_on_local_validates_each_rank_on_its_shard(job: Path) -> None:
@@ -170,9 +184,7 @@ def test_lsgd_eval_on_local_validates_each_rank_on_its_shard(job: Path) -> None:
     workers, _, vals = simulate_lsgd(val_every=VAL_EVERY, eval_on="local")
     leader_vals = simulate_lsgd(val_every=VAL_EVERY, eval_on="leader")[2]
     assert vals != pytest.approx(leader_vals, rel=1e-3), "fixture must tell the two apart"
-    for rank, result in enumerate(got):
-        assert result["val"] == pytest.approx(vals, rel=1e-5)
-        assert_states_close(result["state"], workers[rank].net.state_dict(), f"rank {rank}")
+    assert_each_rank_validated(got, vals, workers)
 
 
 def test_lsgd_test_after_fit_sees_the_leader_and_keeps_each_rank_its_weights(job: Path) -> None:
@@ -180,11 +192,7 @@ def test_lsgd_test_after_fit_sees_the_leader_and_keeps_each_rank_its_weights(job
     workers, _, _ = simulate_lsgd()
     leader, _ = sim.elect(workers, LSGD["leader_window"])
     expected = sim.val_loss(workers[leader].net.state_dict(), WORLD)
-    for rank, result in enumerate(got):
-        assert result["test_loss"] == pytest.approx(expected, rel=1e-5)
-        assert_states_close(result["after_fit"], workers[rank].net.state_dict(), f"rank {rank} after fit")
-        for key, value in result["after_fit"].items():
-            assert torch.equal(result["after_test"][key], value), f"rank {rank}: {key} changed by trainer.test"
+    assert_tested_after_fit(got, expected, workers)
 
 
 def test_lsgd_final_sync_leaves_every_worker_holding_the_leader(job: Path) -> None:
@@ -428,9 +436,7 @@ def test_easgd_update_rule_matches_simulation(job: Path) -> None:
 def test_easgd_validates_the_center(job: Path) -> None:
     got = results(job, "easgd_eval_center")
     workers, _, vals = simulate_easgd(val_every=VAL_EVERY)
-    for rank, result in enumerate(got):
-        assert result["val"] == pytest.approx(vals, rel=1e-5)
-        assert_states_close(result["state"], workers[rank].net.state_dict(), f"rank {rank} after validations")
+    assert_each_rank_validated(got, vals, workers)
 
 
 def test_easgd_final_sync_leaves_every_worker_holding_the_center(job: Path) -> None:

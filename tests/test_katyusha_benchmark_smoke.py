@@ -7,19 +7,17 @@ import json
 import re
 from pathlib import Path
 
-from tests.test_benchmarks_smoke import run_script
+from tests.test_benchmarks_smoke import run_benchmark
 
 
 def test_katyusha_benchmark_runs_and_writes_its_tables(tmp_path: Path) -> None:
-    run_script(
+    text = run_benchmark(
         "katyusha.py",
+        tmp_path,
         *("--n", "128", "--dim", "8", "--gaps", "0.05", "--workers", "1,2", "--seeds", "1", "--max-passes", "4"),
         *("--targets", "0.5,0.1", "--lr-grid", "1,4", "--tau-grid", "0.1", "--real-workers", "0"),
-        *("--out", str(tmp_path)),
         timeout=120,
     )
-    text = (tmp_path / "katyusha.md").read_text()
-    assert "- command: `python benchmarks/katyusha.py --n 128" in text
     for label in ("SGD", "SVRG", "Katyusha X (τ tuned)", "Katyusha X (τ theory)"):
         for workers in (1, 2):
             assert re.search(rf"^\| {re.escape(label)} \| {workers} \|", text, re.MULTILINE), (label, workers)

@@ -23,16 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_spawn_launcher_returns_the_leader_to_the_parent() -> None:
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=LSGDStrategy(tau=2, start_method="spawn", timeout=timedelta(seconds=60)),
-        max_steps=6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    strategy = LSGDStrategy(tau=2, start_method="spawn", timeout=timedelta(seconds=60))
+    trainer = pl.Trainer(**models.trainer_options(2, strategy, max_steps=6))
     model = models.Regressor()
     before = model.net.body[0].weight.detach().clone()
     trainer.fit(model, models.train_loader(2))

@@ -54,7 +54,18 @@ from .metrics import log_rank_local
 from .periodic import PeriodicStrategy
 
 
-class LSGDStrategy(PeriodicStrategy):
+class LeaderElection:
+    """What the Leader SGD strategies (:class:`LSGDStrategy`, :class:`~.lsgd_async.AsyncLSGDStrategy`) share as
+    :class:`~.base.ReplicaStrategy` settings: the model evaluated is the elected leader (or the workers' average), and
+    the loss window is the ``leader_window`` of the score (the mean of a worker's recent training losses)."""
+
+    reference_name: ClassVar[str] = "leader"
+    also_evaluates: ClassVar[tuple[str, ...]] = ("average",)
+    _loss_window_arg: ClassVar[str] = "leader_window"
+    _without_loss: ClassVar[str] = "this worker's score stays +inf (it cannot be elected)"
+
+
+class LSGDStrategy(LeaderElection, PeriodicStrategy):
     """Leader SGD: every ``tau`` steps, pull all workers toward the worker with the lowest recent training loss.
 
     Args:
@@ -77,10 +88,6 @@ class LSGDStrategy(PeriodicStrategy):
     """
 
     strategy_name: ClassVar[str] = "lsgd"
-    reference_name: ClassVar[str] = "leader"
-    also_evaluates: ClassVar[tuple[str, ...]] = ("average",)
-    _loss_window_arg: ClassVar[str] = "leader_window"
-    _without_loss: ClassVar[str] = "this worker's score stays +inf (it cannot be elected)"
 
     def __new__(cls, *args: Any, group_size: int | str | None = None, **kwargs: Any) -> LSGDStrategy:
         if cls is LSGDStrategy and group_size is not None:

@@ -47,12 +47,13 @@ from ..core.flat import pull_buckets
 from ..core.rules import elect_leader
 from .asynchronous import AsynchronousStrategy
 from .checks import check_choice, check_fraction
+from .lsgd import LeaderElection
 
 VARIANTS = ("algorithm1", "board")
 _NO_LEADER = -1  # the board's rank before any worker posted a finite score (the initial weights are the copy)
 
 
-class AsyncLSGDStrategy(AsynchronousStrategy):
+class AsyncLSGDStrategy(LeaderElection, AsynchronousStrategy):
     """Asynchronous Leader SGD: rounds triggered by the job's total step count, or (``variant="board"``) a leader
     board each worker visits every ``tau`` of its own steps.
 
@@ -71,10 +72,6 @@ class AsyncLSGDStrategy(AsynchronousStrategy):
     """
 
     strategy_name: ClassVar[str] = "lsgd_async"
-    reference_name: ClassVar[str] = "leader"
-    also_evaluates: ClassVar[tuple[str, ...]] = ("average",)
-    _loss_window_arg: ClassVar[str] = "leader_window"
-    _without_loss: ClassVar[str] = "this worker's score stays +inf (it cannot be elected)"
 
     def __init__(
         self,
