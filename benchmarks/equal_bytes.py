@@ -68,6 +68,7 @@ def sweep(dataset: str, config: str, args: argparse.Namespace) -> list[Row]:
     command += dataset_overrides(dataset, args) + [f"workers={args.workers}", "logger=none"]
     command += ["trainer.enable_progress_bar=false", f"seed={','.join(map(str, args.seeds))}"]
     command += [f"hydra.sweep.dir={folder}"]
+    command += [f"trainer.limit_train_batches={args.limit_batches}"] if args.limit_batches else []
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "sweep.log", "w") as log:  # Lightning's and the app's output, for when a run fails
@@ -109,6 +110,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cifar-steps", type=int, default=96, help="optimizer steps per worker on CIFAR-10")
     parser.add_argument("--train-per-class", type=int, default=1000, help="CIFAR-10 subset (reproduce.py's)")
     parser.add_argument("--test-per-class", type=int, default=200)
+    parser.add_argument("--limit-batches", type=int, default=None, help="training batches per epoch (smoke runs)")
     parser.add_argument("--data-root", type=Path, default=driver.REPO / ".data", help="CIFAR-10 train/ and test/")
     parser.add_argument("--cache-dir", type=Path, default=None, help="decoded-image cache (default: the app's)")
     parser.add_argument("--deadline", type=float, default=3600.0, help="give up on one sweep after this many s")

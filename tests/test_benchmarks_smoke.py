@@ -264,3 +264,20 @@ def test_resnet20_gpu_prints_the_full_commands_and_runs_its_cpu_smoke_mode(tmp_p
     assert re.search(r"\| lsgd \(2 workers\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| 3 \|", text), text
     assert "- command: `python benchmarks/resnet20_gpu.py --smoke" in text
     assert "preset `resnet20_1gpu`" in text
+
+
+def test_equal_bytes_runs_the_app_and_reports_each_configuration(tmp_path: Path) -> None:
+    """Two configurations, one seed, 2 workers, 32 batches of mnist5k: the app's sweeps run, the table has a row per
+    configuration, and LSGD's metered bytes equal DiLoCo's up to the 4·P bytes of the losses (exact, not timed)."""
+    text = run_benchmark(
+        "equal_bytes.py",
+        tmp_path,
+        *("--datasets", "mnist5k", "--configs", "lsgd,diloco", "--seeds", "0", "--workers", "2"),
+        *("--mnist-epochs", "1", "--limit-batches", "32", "--work-dir", str(tmp_path / "work")),
+    )
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"lsgd", "diloco"}
+    for name in ("lsgd", "diloco"):
+        assert rows[name][2:4] == ["1", "32"]  # runs, steps per worker
+    assert rows["diloco"][-1].rstrip(" |") == "1.000" and rows["lsgd"][-1].rstrip(" |") == "1.000"
+    assert (tmp_path / "equal_bytes.png").stat().st_size > 0
