@@ -85,6 +85,8 @@ def test_a_write_that_raises_leaves_nothing_behind(tmp_path: Path) -> None:
 def test_a_corrupt_checkpoint_is_named_in_the_error(tmp_path: Path) -> None:
     path = tmp_path / "broken.ckpt"
     path.write_bytes(b"this is not a checkpoint")
-    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=LSGDStrategy(), logger=False, max_steps=2)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, strategy=LSGDStrategy(), logger=False, max_steps=2, default_root_dir=tmp_path
+    )
     with pytest.raises(RuntimeError, match=r"broken\.ckpt' could not be read"):
         trainer.fit(models.Regressor(), models.train_loader(1), ckpt_path=str(path))

@@ -123,7 +123,14 @@ def test_async_lsgd_evaluates_the_average_only_in_algorithm1() -> None:
 
 def test_batchnorm_reestimation_is_refused_in_manual_optimization_when_the_trainer_is_set_up() -> None:
     strategy = LSGDStrategy(eval_on="average", bn_recalibration_batches=2)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=strategy,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
     with pytest.raises(ValueError, match="bn_recalibration_batches=2 .*manual optimization"):
         trainer.fit(models.ManualRegressor(), models.train_loader(1))
 
@@ -281,7 +288,12 @@ def test_eamsgd_refuses_sgd_settings_that_are_not_its_rule(settings: dict, named
 
 def test_eamsgd_refuses_other_optimizers_when_the_trainer_is_set_up() -> None:
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, strategy=EASGDStrategy(momentum_rule="eamsgd"), logger=False, max_steps=1
+        accelerator="cpu",
+        devices=1,
+        strategy=EASGDStrategy(momentum_rule="eamsgd"),
+        logger=False,
+        max_steps=1,
+        enable_checkpointing=False,
     )
     with pytest.raises(ValueError, match="nesterov=False"):
         trainer.fit(models.Regressor(), models.train_loader(1))  # SGD momentum 0.9 without Nesterov
