@@ -1,9 +1,11 @@
-"""Asynchronous LSGD's Algorithm 1 (the default ``variant``), run inside each worker process of a 2-worker job.
+"""Asynchronous LSGD's Algorithm 1 (the default ``variant``), run inside each worker process of a 2-worker job, and
+its multi-leader form (``groups_*``) in a 4-worker job with groups of 2 (``tests/test_lsgd_async_groups.py``).
 
 Rank 1 is a straggler (a sleep after each of its steps, and a hold early on until the fast worker is ahead), so the
 fast worker contributes more of the job's steps between rounds. Each rank saves the strategy's ``round_history``:
-for every round it joined, the round number and its own step count at that moment, which is all the replay in
-``tests/async_simulation.py`` needs (between rounds a worker only trains on its own shard).
+for every round it joined, the round number (with groups: local and global) and its own step count at that moment,
+which is all the replay in ``tests/async_simulation.py`` needs (between rounds a worker only trains on its own
+shard).
 """
 
 from __future__ import annotations
