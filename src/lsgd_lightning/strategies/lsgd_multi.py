@@ -23,6 +23,9 @@ scores are all-gathered once per round (P floats); the local leader's weights st
 group; the global leader's weights cross group boundaries once per group (to the rank holding the same position in
 each other group, through a "column" process group) and then fan out inside each group. ``comm/bytes_intra`` and
 ``comm/bytes_inter`` count the two kinds separately (the score all-gather counts as inter-group).
+
+The groups and the round are :class:`LeaderGroups`, which the asynchronous form (Algorithm 1 with ``group_size``,
+:class:`~.lsgd_async.AsyncLSGDStrategy`) shares: there the rounds fire on the job's total step count instead.
 """
 
 from __future__ import annotations
