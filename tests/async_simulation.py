@@ -166,12 +166,15 @@ def replay(
     return workers, board
 
 
-def algorithm1_rounds(results: list[dict[str, Any]], key: str = "history") -> list[list[int]]:
-    """Per round of Algorithm 1, in order: every rank's own step count when it joined (from ``round_history``)."""
+def algorithm1_rounds(
+    results: list[dict[str, Any]], key: str = "history", number: str = "lsgd/round"
+) -> list[list[int]]:
+    """Per round of Algorithm 1, in order: every rank's own step count when it joined (from ``round_history``; with
+    groups, ``number="lsgd/local_round"`` numbers every round, local or global)."""
     rounds: dict[int, dict[int, int]] = {}
     for rank, result in enumerate(results):
         for r in result[key]:
-            rounds.setdefault(int(r["lsgd/round"]), {})[rank] = int(r["lsgd/own_steps"])
+            rounds.setdefault(int(r[number]), {})[rank] = int(r["lsgd/own_steps"])
     assert all(len(steps) == len(results) for steps in rounds.values()), f"a round without every worker: {rounds}"
     return [[rounds[k][rank] for rank in range(len(results))] for k in sorted(rounds)]
 
@@ -184,12 +187,21 @@ def replay_algorithm1(
     workers: list[sim.Worker] | None = None,
     poison: tuple[int, int] | None = None,
     final_election: bool = False,
-) -> tuple[list[sim.Worker], list[dict[str, float] | None]]:
+    groups: list[list[int]] | None = None,
+    first_round: int = 1,
+) -> tuple[list[sim.Worker], list[dict[str, Any] | None]]:
     """Asynchronous LSGD, Teng et al. 2019, Algorithm 1: at each round every worker has trained locally up to its
     recorded step count; then the leader is elected over all workers' current scores and every other worker is
     pulled, x <- x - pull (x - x_leader) (``sim.lsgd_round``: the synchronous round, on workers at unequal steps).
     After the last round every worker trains to ``total_steps``; ``final_election`` copies the leader's weights to
-    all (final_sync). Returns the workers and each round's outcome."""
+    all (final_sync). Returns the workers and each round's outcome.
+
+    With ``groups`` (the multi-leader form) ``rounds`` are the local rounds (one per P·local_tau steps of the job);
+    round k (counted from ``first_round``, after a resume) is also global when k·local_tau is a multiple of tau.
+    Each applies the synchronous multi-leader round on the workers at their recorded steps:
+    ``settings["pull_order"]`` "sequential" (default; Algorithm 1's order, ``sim.sequential_multi_leader_round``)
+    or "simultaneous" (eq. 2, ``sim.multi_leader_round``), with
+    ``local_pull_strength`` toward the group's leader and ``pull_strength`` toward the global one."""
     workers = workers if workers is not None else sim.make_workers(world_size)
     window = settings.get("leader_window", 10)
 
@@ -198,10 +210,17 @@ def replay_algorithm1(
             sim.local_step(worker, poison=poison == (worker.rank, worker.cursor))
 
     outcomes = []
-    for steps in rounds:
+    sequential = settings.get("pull_order", "sequential") == "sequential"
+    multi_round = sim.sequential_multi_leader_round if sequential else sim.multi_leader_round
+    for k, steps in enumerate(rounds, start=first_round):
         for worker, own in zip(workers, steps):
             advance(worker, own)
-        outcomes.append(sim.lsgd_round(workers, settings["pull_strength"], window))
+        if groups is None:
+            outcomes.append(sim.lsgd_round(workers, settings["pull_strength"], window))
+            continue
+        both = k * settings["local_tau"] % settings["tau"] == 0
+        local_pull = settings["local_pull_strength"]
+        outcomes.append(multi_round(workers, groups, local_pull, settings["pull_strength"], window, both))
     for worker in workers:
         advance(worker, total_steps)
     if final_election:

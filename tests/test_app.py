@@ -183,6 +183,12 @@ def test_lsgd_multi_config_refuses_overshooting_simultaneous_pulls() -> None:
         build_strategy(load("strategy=lsgd_multi", *overrides))
 
 
+def test_lsgd_async_config_runs_the_multi_leader_algorithm1_on_request() -> None:
+    assert build_strategy(load("strategy=lsgd_async")).group_size is None  # one leader by default
+    strategy = build_strategy(load("strategy=lsgd_async", "strategy.group_size=2", "strategy.local_tau=4"))
+    assert (strategy.group_size, strategy.local_tau, strategy.pull_order) == (2, 4, "sequential")
+
+
 def test_diloco_outer_optimizer_from_hydra_partial() -> None:
     cfg = load("strategy=diloco", "strategy.outer_optimizer={_target_:torch.optim.Adam,_partial_:true,lr:0.001}")
     strategy = build_strategy(cfg)

@@ -192,6 +192,7 @@ def test_the_default_is_the_papers_algorithm() -> None:
     assert AsyncLSGDStrategy().variant == "algorithm1"
 
 
-def test_multi_leader_settings_are_refused_with_what_to_use() -> None:
-    with pytest.raises(ValueError, match="does not take group_size, local_tau: .* Use 'lsgd_multi'"):
-        AsyncLSGDStrategy(group_size=2, local_tau=4)
+def test_multi_leader_settings_need_algorithm1() -> None:
+    """The multi-leader form is tested in ``tests/test_lsgd_async_groups.py``; the board keeps one leader copy."""
+    with pytest.raises(ValueError, match="group_size=2 needs variant='algorithm1'.* Use group_size=None"):
+        AsyncLSGDStrategy(group_size=2, local_tau=4, variant="board")

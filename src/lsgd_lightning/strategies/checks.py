@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -82,13 +82,34 @@ def refuse_sync_batchnorm(strategy: str, layer_sync: Any) -> None:
 LEADER_BROADCASTS = ("tree", "chain")
 
 
+GROUP_OPTIONS = ("local_tau", "local_pull_strength", "pull_order")
+
+
+def check_group_options_need_groups(given: Iterable[str]) -> None:
+    """Without ``group_size`` there is one leader: the multi-leader options (``given``: those set) are refused."""
+    name = next(iter(given), None)
+    if name is not None:
+        raise ValueError(f"{name} needs group_size ('node' or an int): without groups there is one leader.")
+
+
+def check_async_groups(variant: str, group_size: Any, given: Iterable[str]) -> None:
+    """Asynchronous LSGD's groups: the local options (``given``: those set) need ``group_size``, and groups need
+    the paper's Algorithm 1 (local and global rounds on the job's total step count); the board has one leader."""
+    if group_size is None:
+        check_group_options_need_groups(given)
+    elif variant != "algorithm1":
+        raise ValueError(
+            f"group_size={group_size!r} needs variant='algorithm1' (local and global rounds on the job's total step "
+            f"count), got variant={variant!r}: the board variant keeps one leader copy. Use group_size=None with "
+            "variant='board'."
+        )
+
+
 def check_leader_options(
     tau: Any, pull_strength: Any, overlap_steps: Any, leader_broadcast: Any, others: Mapping[str, Any]
 ) -> None:
     """Leader SGD's settings (``others``: the remaining keyword arguments, where group options do not belong)."""
-    for name in ("local_tau", "local_pull_strength", "pull_order"):
-        if name in others:
-            raise ValueError(f"{name} needs group_size ('node' or an int): without groups there is one leader.")
+    check_group_options_need_groups(name for name in GROUP_OPTIONS if name in others)
     check_int("tau", tau, minimum=1)
     check_fraction("pull_strength", pull_strength)
     check_int("overlap_steps", overlap_steps, minimum=0)

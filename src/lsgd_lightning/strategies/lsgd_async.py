@@ -14,6 +14,24 @@ current scores (mean of the last ``leader_window`` training losses) and every ot
 At round k the workers' step counts add up to k·P·tau, up to one step per worker (who joined a little later). A worker
 that has finished its steps keeps joining rounds until every worker has finished.
 
+Multi-leader form (``group_size``, ``"algorithm1"`` only; Algorithm 1 with local leaders, the paper's multi-leader
+setting): workers form groups as in the synchronous ``lsgd_multi`` (``"node"`` or k consecutive ranks). Both periods
+are on the job's total count: a *local* round fires each time it reaches a multiple of P·``local_tau``, a *global*
+round each time it reaches a multiple of P·tau (tau a multiple of ``local_tau``, so a global round always coincides
+with a local one). Every worker joins every round, in firing order. With λ_L = ``local_pull_strength``,
+λ_G = ``pull_strength``, leaders elected over the current scores (the local one within the group) and their weights
+from before the round::
+
+    local round:                      x_i <- x_i - λ_L (x_i - x_local(i))
+    both, pull_order="sequential":    x_i' = x_i - λ_L (x_i - x_local(i));  x_i <- x_i' - λ_G (x_i' - x_global)
+    both, pull_order="simultaneous":  x_i <- x_i - λ_L (x_i - x_local(i)) - λ_G (x_i - x_global)   (poster's eq. 2)
+
+The default is the sequential order of Algorithm 1 and the authors' code; the simultaneous one needs λ_L + λ_G <= 1
+(:class:`~.lsgd_multi.MultiLeaderLSGDStrategy` explains both; the round is its
+:meth:`~.lsgd_multi.LeaderGroups._multi_leader_round`). At local round k the step counts add up to k·P·local_tau,
+at global round g to g·P·tau (up to one step per worker). Evaluation, checkpoints and the final sync use the global
+leader (or, ``eval_on="average"``, all P workers' mean).
+
 ``"board"`` (a variant of this package, not the paper's). After every ``tau``-th of its *own* steps a worker runs one
 transaction on a leader board on the job's store (:class:`~lsgd_lightning.core.board.StoreBoard`), under its lock: if
 it is the leader or its score beats the board's, it publishes its weights as the leader's copy, else it pulls toward
@@ -30,7 +48,7 @@ average instead, what every LSGD figure of the paper reports, optionally with re
 checkpoints and the end are meeting points), so it is exactly the mean of all workers' current weights. The board
 variant refuses it: its checkpoint's main file must hold the board's leader copy, from which a resume restarts the
 board, and that copy is not any worker's current weights. See :mod:`.asynchronous` for where workers meet (evaluation,
-checkpoints, Lightning's collectives, the end). No multi-leader form: use ``MultiLeaderLSGDStrategy`` for that.
+checkpoints, Lightning's collectives, the end).
 """
 
 from __future__ import annotations
@@ -38,7 +56,9 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -46,22 +66,32 @@ from typing_extensions import override
 from ..core.flat import pull_buckets
 from ..core.rules import elect_leader
 from .asynchronous import AsynchronousStrategy
-from .checks import check_choice, check_fraction
+from .checks import check_async_groups, check_choice, check_fraction, check_multi_leader_options
 from .lsgd import LeaderElection
+from .lsgd_multi import LeaderGroups
 
 VARIANTS = ("algorithm1", "board")
 _NO_LEADER = -1  # the board's rank before any worker posted a finite score (the initial weights are the copy)
 
 
-class AsyncLSGDStrategy(LeaderElection, AsynchronousStrategy):
-    """Asynchronous Leader SGD: rounds triggered by the job's total step count, or (``variant="board"``) a leader
-    board each worker visits every ``tau`` of its own steps.
+class AsyncLSGDStrategy(LeaderGroups, LeaderElection, AsynchronousStrategy):
+    """Asynchronous Leader SGD: rounds triggered by the job's total step count (Algorithm 1; with ``group_size``
+    local and global rounds, each on that count), or (``variant="board"``) a leader board each worker visits every
+    ``tau`` of its own steps.
 
     Args:
         tau: rounds every P·tau steps of all workers together (``"board"``: every tau of a worker's own steps).
         pull_strength: how far a worker moves toward the leader per round, in [0, 1].
         leader_window: how many recent training losses make a worker's score.
         variant: ``"algorithm1"`` (the paper's) or ``"board"`` (this package's variant).
+        group_size: ``None`` (one leader), or ``"node"`` / an int k (groups as in ``lsgd_multi``): the
+            multi-leader Algorithm 1, ``variant="algorithm1"`` only.
+        local_tau: with groups, local rounds every P·local_tau steps of the job (tau must be a multiple). Default:
+            the largest divisor of tau not above tau // 4.
+        local_pull_strength: with groups, the pull toward the local leader, in [0, 1]. Default: ``pull_strength``.
+        pull_order: with groups, on rounds with both pulls: ``"sequential"`` (default, Algorithm 1: the local pull,
+            then the global pull on its result) or ``"simultaneous"`` (the poster's eq. 2; needs
+            ``local_pull_strength + pull_strength <= 1``).
         bn_recalibration_batches: with ``eval_on="average"``, re-estimate the average's BatchNorm statistics on
             this many of each rank's training batches before it is evaluated, saved or final-synced (0: off).
         **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (``"leader"``; ``"average"``: all workers' mean
@@ -80,6 +110,10 @@ class AsyncLSGDStrategy(LeaderElection, AsynchronousStrategy):
         leader_window: int = 10,
         variant: str = "algorithm1",
         bn_recalibration_batches: int = 0,
+        group_size: int | str | None = None,
+        local_tau: int | None = None,
+        local_pull_strength: float | None = None,
+        pull_order: str | None = None,
         **kwargs: Any,
     ) -> None:
         check_fraction("pull_strength", pull_strength)
@@ -90,17 +124,17 @@ class AsyncLSGDStrategy(LeaderElection, AsynchronousStrategy):
                 "leader copy (a resume restarts the board from it), which is not the workers' average. Use "
                 "eval_on='leader' or 'local' with variant='board'."
             )
-        multi = sorted({"group_size", "local_tau", "local_pull_strength", "pull_order"} & kwargs.keys())
-        if multi:
-            raise ValueError(
-                f"lsgd_async does not take {', '.join(multi)}: it runs Algorithm 1 with one group of workers; the "
-                "multi-leader asynchronous form is not implemented. Use 'lsgd_multi' (synchronous) for local leaders."
-            )
+        given = {"local_tau": local_tau, "local_pull_strength": local_pull_strength, "pull_order": pull_order}
+        check_async_groups(variant, group_size, [name for name, value in given.items() if value is not None])
+        if group_size is not None:
+            check_multi_leader_options(group_size, local_tau, local_pull_strength, 0, "tree")
         super().__init__(tau=tau, loss_window=leader_window, **kwargs)
         self._accept_bn_recalibration(bn_recalibration_batches)
         self.pull_strength = float(pull_strength)
         self.variant = variant
-        self.rounds_joined = 0  # algorithm1: rounds this worker took part in (the job's round number)
+        self._configure_groups(group_size, local_tau, local_pull_strength, pull_order or "sequential")
+        self.rounds_joined = 0  # algorithm1: global rounds this worker took part in (the job's round number)
+        self.local_rounds_joined = 0  # algorithm1 with groups: local rounds (with a global one or not)
         self.round_history: list[dict[str, float]] = []  # algorithm1: per round, what this worker saw (tests, logs)
         self._resumed_leader: tuple[int, int, float] | None = None  # board: the record saved in the shard
 
@@ -136,24 +170,36 @@ class AsyncLSGDStrategy(LeaderElection, AsynchronousStrategy):
         if self.variant == "algorithm1":
             self._join_due_rounds(self.board.add("steps", 0), log=False)  # Lightning may allow no logging here
 
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._create_groups()  # every rank, in one order, before the guard wraps torch.distributed
+        super().setup(trainer)
+
     def _join_due_rounds(self, job_steps: int, log: bool = True) -> None:
-        """Join, in order, every round that has fired (one per P·tau steps of the job) and this worker has not
-        joined yet. Idempotent: a round joined while waiting is not joined again."""
-        for _ in range(job_steps // (self.world_size * self.tau) - self.rounds_joined):
+        """Join, in firing order, every round that has fired and this worker has not joined yet: a global round per
+        P·tau steps of the job and, with groups, a local round per P·local_tau steps (tau is a multiple of
+        local_tau, so a global round always comes with a local one: they run as one round, both pulls in
+        ``pull_order``). Idempotent: a round joined while waiting is not joined again."""
+        period = self.world_size * (self.tau if self.group_size is None else self.local_tau)
+        joined = self.rounds_joined if self.group_size is None else self.local_rounds_joined
+        for _ in range(job_steps // period - joined):
             self._run_round(self._global_round, log=log)
 
     def _global_round(self) -> dict[str, float] | None:
-        """Algorithm 1's distributed step: every worker elects the leader over all current scores and moves."""
+        """Algorithm 1's distributed step: every worker elects the leader(s) over all current scores and moves."""
         with self._guard.bypass():  # every worker takes part: no meeting first (it could start the next round)
             return self._leader_round()
 
     def _leader_round(self) -> dict[str, float] | None:
-        self.rounds_joined += 1
         scores = self.collectives.all_gather(self.round_score().float().reshape(1))
         if bool(torch.isnan(scores).all()):
             self._raise_all_diverged()
-        leader = elect_leader(scores)
+        if self.group_size is not None:
+            return self._groups_round(scores)
+        self.rounds_joined += 1
         record = {"lsgd/round": float(self.rounds_joined), "lsgd/own_steps": float(self._steps)}
+        leader = elect_leader(scores)
         if leader is None:
             rank_zero_warn(f"LSGD round {self.rounds_joined} skipped: no worker has a finite training loss.")
             self.round_history.append(record)
@@ -169,6 +215,23 @@ class AsyncLSGDStrategy(LeaderElection, AsynchronousStrategy):
             metrics["lsgd/dist_to_leader"] = self._pull_toward(self.layout.pack(), flats)
         self.round_history.append(metrics)
         return metrics
+
+    def _groups_round(self, scores: Tensor) -> dict[str, float] | None:
+        """Algorithm 1 with groups: the next local round (P·local_tau more steps of the job), global as well when
+        the job's count is a multiple of P·tau (:meth:`~.lsgd_multi.LeaderGroups._multi_leader_round`)."""
+        self.local_rounds_joined += 1
+        global_due = self.local_rounds_joined * self.local_tau % self.tau == 0
+        self.rounds_joined += int(global_due)
+        record = {
+            "lsgd/round": float(self.rounds_joined),
+            "lsgd/local_round": float(self.local_rounds_joined),
+            "lsgd/global": float(global_due),
+            "lsgd/own_steps": float(self._steps),
+        }
+        when = f"{self.rounds_joined}" if global_due else f"after local round {self.local_rounds_joined}"
+        metrics = self._multi_leader_round(scores, global_due, when)
+        self.round_history.append({**record, **(metrics or {})})
+        return None if metrics is None else {**record, **metrics}
 
     # ------------------------------------------------------------------------------------------------ the board
     def read_leader(self) -> tuple[int, int, float]:
@@ -260,16 +323,17 @@ class AsyncLSGDStrategy(LeaderElection, AsynchronousStrategy):
         if self._board is None:
             return {}
         if self.variant == "algorithm1":
-            return {"rounds_joined": self.rounds_joined}
+            return {"rounds_joined": self.rounds_joined, "local_rounds_joined": self.local_rounds_joined}
         version, rank, score = self.read_leader()
         return {"leader": (version, rank, score)}
 
     @override
     def _load_extra_state_dict(self, state: dict[str, Any]) -> None:
         self.rounds_joined = int(state.get("rounds_joined", 0))
+        self.local_rounds_joined = int(state.get("local_rounds_joined", 0))
         leader = state.get("leader")
         self._resumed_leader = (int(leader[0]), int(leader[1]), float(leader[2])) if leader is not None else None
 
     @override
     def _on_fresh_start(self) -> None:
-        self.rounds_joined, self.round_history = 0, []
+        self.rounds_joined, self.local_rounds_joined, self.round_history = 0, 0, []

@@ -23,6 +23,9 @@ scores are all-gathered once per round (P floats); the local leader's weights st
 group; the global leader's weights cross group boundaries once per group (to the rank holding the same position in
 each other group, through a "column" process group) and then fan out inside each group. ``comm/bytes_intra`` and
 ``comm/bytes_inter`` count the two kinds separately (the score all-gather counts as inter-group).
+
+The groups and the round are :class:`LeaderGroups`, which the asynchronous form (Algorithm 1 with ``group_size``,
+:class:`~.lsgd_async.AsyncLSGDStrategy`) shares: there the rounds fire on the job's total step count instead.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing_extensions import override
 
 from ..core.flat import to_master
 from ..core.rules import elect_leader, multi_leader_pull, sequential_multi_leader_pull, squared_distance
+from .base import ReplicaStrategy
 from .checks import check_multi_leader_options, check_pull_order
 from .lsgd import LSGDStrategy
 
@@ -47,44 +51,24 @@ def default_local_tau(tau: int) -> int:
     return max(d for d in range(1, max(1, tau // 4) + 1) if tau % d == 0)
 
 
-class MultiLeaderLSGDStrategy(LSGDStrategy):
-    """Multi-leader LSGD: every ``local_tau`` steps each group pulls toward its local leader, every ``tau`` steps
-    everyone also pulls toward the global leader.
-
-    Args:
-        group_size: ``"node"`` (one group per node: Lightning's ``devices`` ranks of each of ``num_nodes`` nodes) or
-            an int k (consecutive ranks in groups of k; must divide the world size).
-        tau: optimizer steps between global rounds; a multiple of ``local_tau``.
-        local_tau: optimizer steps between local rounds. Default: the largest divisor of ``tau`` not above
-            ``tau // 4``.
-        pull_strength: pull toward the global leader, in [0, 1].
-        local_pull_strength: pull toward the local leader, in [0, 1]. Default: ``pull_strength``.
-        pull_order: on rounds with both pulls, ``"sequential"`` (default: the local pull, then the global pull on
-            its result, as Algorithm 1 and the authors' code) or ``"simultaneous"`` (both from the weights before
-            the round, the poster's eq. 2; needs ``local_pull_strength + pull_strength <= 1``).
-        **kwargs: :class:`~.lsgd.LSGDStrategy`'s ``tau``, ``pull_strength``, ``leader_window``, ``eval_on``
-            (``"leader"``: the global leader; ``"average"``: the mean of all P workers, what the paper reports),
-            ``bn_recalibration_batches`` and the rest.
-
-    ``overlap_steps`` and ``leader_broadcast='chain'`` are single-leader options and are refused. Registered as
-    ``"lsgd_multi"`` and ``"lsgd_multi_spawn"`` with ``group_size="node"``; ``LSGDStrategy(group_size=...)`` builds one.
+class LeaderGroups(ReplicaStrategy):
+    """Mixin: multi-leader LSGD's groups and its round, shared by :class:`MultiLeaderLSGDStrategy` (rounds every
+    ``local_tau`` steps of each worker) and :class:`~.lsgd_async.AsyncLSGDStrategy` with ``group_size`` (rounds every
+    P·``local_tau`` steps of the whole job). The host sets ``tau`` and ``pull_strength`` and calls
+    :meth:`_configure_groups` in its constructor (``group_size=None``: one group, nothing here is used) and
+    :meth:`_create_groups` in ``setup``; a round is :meth:`_multi_leader_round`.
     """
 
-    strategy_name: ClassVar[str] = "lsgd_multi"
+    tau: int
+    pull_strength: float
+    group_size: int | str | None = None
 
-    def __init__(
-        self,
-        group_size: int | str = "node",
-        *,
-        local_tau: int | None = None,
-        local_pull_strength: float | None = None,
-        pull_order: str = "sequential",
-        overlap_steps: int = 0,
-        leader_broadcast: str = "tree",
-        **kwargs: Any,
+    def _configure_groups(
+        self, group_size: int | str | None, local_tau: int | None, local_pull_strength: float | None, pull_order: str
     ) -> None:
-        check_multi_leader_options(group_size, local_tau, local_pull_strength, overlap_steps, leader_broadcast)
-        super().__init__(**kwargs)
+        """Keep the group settings (checked by :func:`~.checks.check_multi_leader_options` first): ``local_tau``
+        defaults to :func:`default_local_tau`, ``local_pull_strength`` to ``pull_strength``; ``tau`` must be a
+        multiple of ``local_tau``; the pull order is checked against both strengths."""
         self.group_size = group_size
         self.local_tau = local_tau or default_local_tau(self.tau)
         self.local_pull_strength = self.pull_strength if local_pull_strength is None else float(local_pull_strength)
@@ -102,6 +86,9 @@ class MultiLeaderLSGDStrategy(LSGDStrategy):
 
     @override
     def _check_world_size(self, world_size: int) -> None:
+        super()._check_world_size(world_size)
+        if self.group_size is None:
+            return
         size = self._resolved_group_size()
         if world_size % size != 0:
             raise ValueError(
@@ -109,14 +96,11 @@ class MultiLeaderLSGDStrategy(LSGDStrategy):
                 f"({world_size} = num_nodes x devices)."
             )
 
-    @override
-    def setup(self, trainer: pl.Trainer) -> None:
-        super().setup(trainer)
-        if not self.groups and self.world_size > 1:
-            self._create_groups()
-
     def _create_groups(self) -> None:
-        """One process group per worker group and one per column; every rank creates all of them, in one order."""
+        """One process group per worker group and one per column; every rank creates all of them, in one order
+        (once, with groups and several workers)."""
+        if self.group_size is None or self.groups or self.world_size == 1:
+            return
         size = self._resolved_group_size()
         self.groups = [list(range(start, start + size)) for start in range(0, self.world_size, size)]
         for ranks in self.groups:
@@ -132,40 +116,29 @@ class MultiLeaderLSGDStrategy(LSGDStrategy):
     def _release_process_groups(self) -> bool:
         if not super()._release_process_groups():
             return False
-        self._row_group, self._column_groups, self.groups = None, [], []
+        if self.group_size is not None:
+            self._row_group, self._column_groups, self.groups = None, [], []
         return True
 
     def _group_of(self, rank: int) -> list[int]:
         return self.groups[rank // len(self.groups[0])]
 
     # ------------------------------------------------------------------------------------------------ rounds
-    @override
-    def _round_step(self, step: int) -> bool:
-        return step % self.local_tau == 0
-
-    @override
-    def _comm_metrics(self) -> dict[str, float]:
-        return self.comm.metrics(by_scope=True)
-
-    @override
-    def _gather_scores(self, scope: str | None = "inter") -> Tensor:
-        return super()._gather_scores(scope)
-
-    @override
-    def _communication_round(self) -> dict[str, float] | None:
-        scores = self._gather_scores()
+    def _multi_leader_round(self, scores: Tensor, global_due: bool, when: str) -> dict[str, float] | None:
+        """One round, given every worker's score (all-gathered, not all NaN): each group's local leader's weights to
+        its group, and (``global_due``) the global leader's to everyone; then both pulls in ``pull_order``. A
+        diverged worker is reset to the global (else local) leader. ``when`` names the round in warnings."""
         group = self._group_of(self.global_rank)
         local = elect_leader(scores[group[0] : group[-1] + 1])
         local_leader = None if local is None else group[local]
-        global_due = self._steps % self.tau == 0
         global_leader = elect_leader(scores) if global_due else None
         if global_leader is None and global_due:
-            rank_zero_warn(f"LSGD global round after step {self.steps} skipped: no finite training loss anywhere.")
+            rank_zero_warn(f"LSGD global round {when} skipped: no finite training loss anywhere.")
         # Every rank knows every score, so all members of a group agree on which collectives to enter.
         metrics: dict[str, float] = {}
         local_flats = global_flats = None
         if local_leader is not None:
-            local_flats = self._broadcast_flats(local_leader, self._row_group, scope="intra")
+            local_flats = self._leader_flats(local_leader, self._row_group, scope="intra")
             metrics["lsgd/local_leader"] = float(local_leader)
         if global_leader is not None:
             global_flats = self._global_leader_flats(global_leader, local_flats)
@@ -219,7 +192,7 @@ class MultiLeaderLSGDStrategy(LSGDStrategy):
         column = leader % size
         representative = self._group_of(self.global_rank)[column]
         if len(self.groups) > 1 and self.global_rank == representative:
-            flats = self._broadcast_flats(leader, self._column_groups[column], scope="inter")
+            flats = self._leader_flats(leader, self._column_groups[column], scope="inter")
         else:
             flats = [bucket.empty() for bucket in self.layout.buckets]
         if leader in self._group_of(self.global_rank):
@@ -229,3 +202,71 @@ class MultiLeaderLSGDStrategy(LSGDStrategy):
             return flats
         collectives = self.collectives
         return [collectives.broadcast(flat, src=representative, group=self._row_group, scope="intra") for flat in flats]
+
+    def _leader_flats(self, src: int, group: Any, scope: str) -> list[Tensor]:
+        """``src``'s packed weights on every rank of ``group`` (``src`` sends its own)."""
+        flats = [bucket.pack() if self.global_rank == src else bucket.empty() for bucket in self.layout.buckets]
+        return [self.collectives.broadcast(flat, src=src, group=group, scope=scope) for flat in flats]
+
+
+class MultiLeaderLSGDStrategy(LeaderGroups, LSGDStrategy):
+    """Multi-leader LSGD: every ``local_tau`` steps each group pulls toward its local leader, every ``tau`` steps
+    everyone also pulls toward the global leader.
+
+    Args:
+        group_size: ``"node"`` (one group per node: Lightning's ``devices`` ranks of each of ``num_nodes`` nodes) or
+            an int k (consecutive ranks in groups of k; must divide the world size).
+        tau: optimizer steps between global rounds; a multiple of ``local_tau``.
+        local_tau: optimizer steps between local rounds. Default: the largest divisor of ``tau`` not above
+            ``tau // 4``.
+        pull_strength: pull toward the global leader, in [0, 1].
+        local_pull_strength: pull toward the local leader, in [0, 1]. Default: ``pull_strength``.
+        pull_order: on rounds with both pulls, ``"sequential"`` (default: the local pull, then the global pull on
+            its result, as Algorithm 1 and the authors' code) or ``"simultaneous"`` (both from the weights before
+            the round, the poster's eq. 2; needs ``local_pull_strength + pull_strength <= 1``).
+        **kwargs: :class:`~.lsgd.LSGDStrategy`'s ``tau``, ``pull_strength``, ``leader_window``, ``eval_on``
+            (``"leader"``: the global leader; ``"average"``: the mean of all P workers, what the paper reports),
+            ``bn_recalibration_batches`` and the rest.
+
+    ``overlap_steps`` and ``leader_broadcast='chain'`` are single-leader options and are refused. Registered as
+    ``"lsgd_multi"`` and ``"lsgd_multi_spawn"`` with ``group_size="node"``; ``LSGDStrategy(group_size=...)`` builds one.
+    """
+
+    strategy_name: ClassVar[str] = "lsgd_multi"
+
+    def __init__(
+        self,
+        group_size: int | str = "node",
+        *,
+        local_tau: int | None = None,
+        local_pull_strength: float | None = None,
+        pull_order: str = "sequential",
+        overlap_steps: int = 0,
+        leader_broadcast: str = "tree",
+        **kwargs: Any,
+    ) -> None:
+        check_multi_leader_options(group_size, local_tau, local_pull_strength, overlap_steps, leader_broadcast)
+        super().__init__(**kwargs)
+        self._configure_groups(group_size, local_tau, local_pull_strength, pull_order)
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        self._create_groups()
+
+    # ------------------------------------------------------------------------------------------------ rounds
+    @override
+    def _round_step(self, step: int) -> bool:
+        return step % self.local_tau == 0
+
+    @override
+    def _comm_metrics(self) -> dict[str, float]:
+        return self.comm.metrics(by_scope=True)
+
+    @override
+    def _gather_scores(self, scope: str | None = "inter") -> Tensor:
+        return super()._gather_scores(scope)
+
+    @override
+    def _communication_round(self) -> dict[str, float] | None:
+        return self._multi_leader_round(self._gather_scores(), self._steps % self.tau == 0, f"after step {self.steps}")
