@@ -17,7 +17,10 @@ worker and step as the package's ``comm`` meters count it (d' floating values of
 
 - ``lsgd``: (4·d' + 4·P)/16 (the leader's weights, plus the losses that elect it);
 - ``easgd``: 4·d'/16 (the elastic differences, one all-reduce);
-- ``diloco``: 4·d'/16 (the pseudo-gradients, one all-reduce);
+- ``diloco``: 4·d'/16 (the pseudo-gradients, one all-reduce), the paper's outer optimizer (Nesterov SGD, lr 0.7,
+  momentum 0.9);
+- ``diloco_avg``: the same with outer SGD lr 1 and no momentum, so θ becomes the workers' mean at every round
+  (periodic averaging, "FedAvg" in the DiLoCo paper's comparison of outer optimizers);
 - ``streaming_diloco`` (4 fragments, each outer step 1 step after its all-gather, 8-bit codes with one float32
   scale per 64 values): P·(1 + 4/64)·d'/16, the all-gather's receive buffer (each worker sends 1/P of it); at P = 4
   that is 6% more than DiLoCo's. On the wire the two differ more: a ring all-gather moves (P − 1)·1.0625·d' bytes per
@@ -30,6 +33,9 @@ worker, ``--mnist-epochs`` epochs, the LR drop at epoch 7 beyond them) and ``cif
 ``reproduce.py``'s CPU preset: the app's ``experiment=cifar10_cnn7`` preset, batch 128 per worker, random 28x28 crops
 with flips, ``--cifar-steps`` steps per worker, no LR drop, no validation during training).
 
+A run whose workers all diverge is stopped by the app (an error naming the step) and recorded as diverged; the
+statistics are over the runs that finished. A second run with the same ``--work-dir`` reuses the sweeps that finished.
+
 Writes ``equal_bytes.csv`` (one row per run) and ``meta.json`` (how it was run), then from those two files
 ``equal_bytes.md`` (mean, spread and bytes per configuration) and ``equal_bytes.png``; the runs' own folders stay
 under ``--work-dir``. ``python benchmarks/report.py DIR`` rewrites the last two.
@@ -39,6 +45,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import subprocess
 import sys
 import time
@@ -61,37 +69,56 @@ def dataset_overrides(name: str, args: argparse.Namespace) -> list[str]:
     return items + ([f"data.cache_dir={args.cache_dir}"] if args.cache_dir else [])
 
 
+DIVERGED = re.compile(r"every worker diverged \(non-finite training loss or weights\) by step (\d+)")
+
+
+JOB = re.compile(r"\] - sweep job (\d+): ")  # the app's line before each job of a multirun (its output follows)
+
+
+def job_output(sweep_log: Path, job: int) -> str:
+    """What job ``job`` of a multirun printed: the sweep's log from the app's line for that job to the next one."""
+    text = sweep_log.read_text() if sweep_log.is_file() else ""
+    marks = [(int(m.group(1)), m.start()) for m in JOB.finditer(text)] + [(-1, len(text))]
+    return "".join(text[start : marks[i + 1][1]] for i, (number, start) in enumerate(marks[:-1]) if number == job)
+
+
+def outcome(folder: Path, job: int, dataset: str, config: str, seed: int) -> Row | None:
+    """The row of job ``job`` of the sweep in ``folder``: its results.json, or a diverged run (the app stops a run
+    whose workers all diverged, with an error naming the step); ``None`` if it has neither."""
+    results = folder / str(job) / "results.json"
+    if results.is_file():
+        result: dict[str, Any] = json.loads(results.read_text())
+        steps, acc = int(result["global_step"]), float(result["test_acc"])
+        return Row(dataset, config, seed, acc, steps, float(result["comm_bytes_per_step"]), float(result["fit_time_s"]))
+    found = DIVERGED.search(job_output(folder / "sweep.log", job))
+    return Row(dataset, config, seed, math.nan, int(found.group(1)), math.nan, math.nan, True) if found else None
+
+
 def sweep(dataset: str, config: str, args: argparse.Namespace) -> list[Row]:
-    """One Hydra multirun of the app over the seeds; its runs' results.json as rows."""
+    """One Hydra multirun of the app over the seeds (skipped when a previous run of this script finished it); its
+    runs' outcomes as rows."""
     folder = (args.work_dir / dataset / config).resolve()
     command = [sys.executable, "-m", "lsgd_lightning.train", "-m", *CONFIGS[config].overrides]
     command += dataset_overrides(dataset, args) + [f"workers={args.workers}", "logger=none"]
     command += ["trainer.enable_progress_bar=false", f"seed={','.join(map(str, args.seeds))}"]
     command += [f"hydra.sweep.dir={folder}"]
     command += [f"trainer.limit_train_batches={args.limit_batches}"] if args.limit_batches else []
+
+    def rows() -> list[Row | None]:  # Hydra numbers the jobs in the order of the swept seeds
+        return [outcome(folder, job, dataset, config, seed) for job, seed in enumerate(args.seeds)]
+
     start = time.perf_counter()
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "sweep.log", "w") as log:  # Lightning's and the app's output, for when a run fails
-        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, timeout=args.deadline)
-    rows = []
-    for path in sorted(folder.glob("*/results.json")):
-        result: dict[str, Any] = json.loads(path.read_text())
-        rows.append(
-            Row(
-                dataset=dataset,
-                config=config,
-                seed=int(result["seed"]),
-                test_acc=float(result["test_acc"]),
-                steps=int(result["global_step"]),
-                bytes_per_step=float(result["comm_bytes_per_step"]),
-                fit_s=float(result["fit_time_s"]),
-            )
-        )
-    if len(rows) != len(args.seeds):
-        sys.exit(f"equal_bytes: {dataset}/{config}: {len(rows)} of {len(args.seeds)} runs wrote results ({folder})")
-    accuracies = ", ".join(f"{r.test_acc:.4f}" for r in rows)
+    if None in rows():
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "sweep.log", "w") as log:  # Lightning's and the app's output, for when a run fails
+            subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=args.deadline)
+    found = rows()
+    if None in found:
+        sys.exit(f"equal_bytes: {dataset}/{config}: a run neither finished nor diverged; see {folder}/sweep.log")
+    done = [row for row in found if row is not None]
+    accuracies = ", ".join("diverged" if r.diverged else f"{r.test_acc:.4f}" for r in done)
     print(f"equal_bytes: {dataset} {config}: test accuracy {accuracies} ({time.perf_counter() - start:.0f} s)")
-    return rows
+    return done
 
 
 def measure(args: argparse.Namespace, meta: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,16 @@ CONFIGS = {
     "lsgd": Config(("strategy=lsgd", "strategy.tau=16"), "(4·d' + 4·P)/16: the leader's weights"),
     "easgd": Config(("strategy=easgd", "strategy.tau=16"), "4·d'/16: the elastic differences"),
     "diloco": Config(("strategy=diloco", "strategy.tau=16"), "4·d'/16: the pseudo-gradients"),
+    "diloco_avg": Config(
+        (
+            "strategy=diloco",
+            "strategy.tau=16",
+            "strategy.outer_lr=1.0",
+            "strategy.outer_momentum=0.0",
+            "strategy.nesterov=false",
+        ),
+        "4·d'/16: DiLoCo with outer SGD lr 1, no momentum: θ = the workers' mean (periodic averaging)",
+    ),
     "streaming_diloco": Config(
         ("strategy=streaming_diloco", "strategy.tau=16", "strategy.fragments=4", "strategy.overlap_steps=1"),
         "P·(1 + 4/64)·d'/16: the all-gathered 8-bit codes and scales of one fragment per 4 steps",
@@ -41,41 +52,44 @@ class Row:
     steps: int  # optimizer steps per worker
     bytes_per_step: float  # rank 0's payload per step
     fit_s: float
+    diverged: bool = False  # every worker diverged: the app stopped the run at ``steps``
 
 
 def _section(dataset: str, rows: list[Row], configs: list[str]) -> str:
     table = []
-    reference = [r.bytes_per_step for r in rows if r.config == "diloco" and r.bytes_per_step > 0]
+    reference = [r.bytes_per_step for r in rows if r.config in ("diloco", "diloco_avg") and r.bytes_per_step > 0]
     for name in configs:
         runs = [r for r in rows if r.config == name]
         if not runs:
             continue
-        acc = [r.test_acc * 100 for r in runs]
-        spread = f"{statistics.stdev(acc):.2f}" if len(acc) > 1 else "-"
-        payload = statistics.mean(r.bytes_per_step for r in runs)
-        relative = f"{payload / statistics.mean(reference):.3f}" if reference else "-"
+        finished = [r for r in runs if not r.diverged]
+        acc = [r.test_acc * 100 for r in finished]
+        diverged = [f"{r.seed} (step {r.steps})" for r in runs if r.diverged]
+        count = f"{len(runs)}" + (f", diverged: seed {', '.join(diverged)}" if diverged else "")
+        payload = statistics.mean(r.bytes_per_step for r in finished) if finished else math.nan
+        relative = f"{payload / statistics.mean(reference):.3f}" if reference and finished else "-"
         table.append(
             [
                 name,
                 CONFIGS[name].sends if name in CONFIGS else "-",
-                len(runs),
-                "/".join(sorted({str(r.steps) for r in runs})),
-                f"{statistics.mean(acc):.2f}",
-                f"{min(acc):.2f} - {max(acc):.2f}",
-                spread,
-                f"{payload:,.0f}",
+                count,
+                "/".join(sorted({str(r.steps) for r in finished})) or "-",
+                f"{statistics.mean(acc):.2f}" if acc else "-",
+                f"{min(acc):.2f} - {max(acc):.2f}" if acc else "-",
+                f"{statistics.stdev(acc):.2f}" if len(acc) > 1 else "-",
+                f"{payload:,.0f}" if finished else "-",
                 relative,
             ]
         )
     header = ["configuration", "sends per step", "runs", "steps/worker", "test acc % (mean)", "min - max", "std"]
-    header += ["payload bytes/step/worker", "bytes vs diloco"]
+    header += ["payload bytes/step/worker", "bytes vs diloco"]  # statistics over the runs that finished
     return f"### {dataset}\n\n" + markdown_table(header, table)
 
 
 def _draw(axes: Any, rows: list[Row], datasets: list[str], configs: list[str]) -> None:
     for axis, dataset in zip(axes[0], datasets):
         for x, name in enumerate(configs):
-            acc = [r.test_acc * 100 for r in rows if r.dataset == dataset and r.config == name]
+            acc = [r.test_acc * 100 for r in rows if r.dataset == dataset and r.config == name and not r.diverged]
             if acc:
                 axis.scatter([x] * len(acc), acc, color="tab:blue", s=14)
                 axis.hlines(statistics.mean(acc), x - 0.3, x + 0.3, color="black")
