@@ -50,19 +50,9 @@ from ..core.flat import pull_buckets
 from ..core.rules import elect_leader
 from ..core.transfer import InFlightRound
 from .checks import check_chain_devices, check_leader_options
+from .election import LeaderElection
 from .metrics import log_rank_local
 from .periodic import PeriodicStrategy
-
-
-class LeaderElection:
-    """What the Leader SGD strategies (:class:`LSGDStrategy`, :class:`~.lsgd_async.AsyncLSGDStrategy`) share as
-    :class:`~.base.ReplicaStrategy` settings: the model evaluated is the elected leader (or the workers' average), and
-    the loss window is the ``leader_window`` of the score (the mean of a worker's recent training losses)."""
-
-    reference_name: ClassVar[str] = "leader"
-    also_evaluates: ClassVar[tuple[str, ...]] = ("average",)
-    _loss_window_arg: ClassVar[str] = "leader_window"
-    _without_loss: ClassVar[str] = "this worker's score stays +inf (it cannot be elected)"
 
 
 class LSGDStrategy(LeaderElection, PeriodicStrategy):

@@ -53,7 +53,6 @@ checkpoints, Lightning's collectives, the end).
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -67,14 +66,14 @@ from ..core.flat import pull_buckets
 from ..core.rules import elect_leader
 from .asynchronous import AsynchronousStrategy
 from .checks import check_async_groups, check_choice, check_fraction, check_multi_leader_options
-from .lsgd import LeaderElection
+from .election import LeaderElection
+from .leader_board import LeaderBoard
 from .lsgd_multi import LeaderGroups
 
 VARIANTS = ("algorithm1", "board")
-_NO_LEADER = -1  # the board's rank before any worker posted a finite score (the initial weights are the copy)
 
 
-class AsyncLSGDStrategy(LeaderGroups, LeaderElection, AsynchronousStrategy):
+class AsyncLSGDStrategy(LeaderGroups, LeaderElection, LeaderBoard, AsynchronousStrategy):
     """Asynchronous Leader SGD: rounds triggered by the job's total step count (Algorithm 1; with ``group_size``
     local and global rounds, each on that count), or (``variant="board"``) a leader board each worker visits every
     ``tau`` of its own steps.
@@ -136,7 +135,6 @@ class AsyncLSGDStrategy(LeaderGroups, LeaderElection, AsynchronousStrategy):
         self.rounds_joined = 0  # algorithm1: global rounds this worker took part in (the job's round number)
         self.local_rounds_joined = 0  # algorithm1 with groups: local rounds (with a global one or not)
         self.round_history: list[dict[str, float]] = []  # algorithm1: per round, what this worker saw (tests, logs)
-        self._resumed_leader: tuple[int, int, float] | None = None  # board: the record saved in the shard
 
     # ------------------------------------------------------------------------------------------------ algorithm 1
     @override
@@ -233,52 +231,15 @@ class AsyncLSGDStrategy(LeaderGroups, LeaderElection, AsynchronousStrategy):
         self.round_history.append({**record, **(metrics or {})})
         return None if metrics is None else {**record, **metrics}
 
-    # ------------------------------------------------------------------------------------------------ the board
-    def read_leader(self) -> tuple[int, int, float]:
-        """The board's (version, leader rank, leader score); rank -1 means the initial weights, score +inf."""
-        version, rank, score = self.board.get_record("leader").split()
-        return int(version), int(rank), float(score)
-
-    def _write_leader(self, version: int, rank: int, score: float) -> None:
-        self.board.set_record("leader", f"{version} {rank} {score!r}")
-
+    # ------------------------------------------------------------------------------------------------ both variants
     @override
     def _publish_initial(self, resumed_reference: list[Tensor] | None) -> None:
-        if self.variant == "algorithm1":
-            return  # the weights travel by collectives: the board only counts steps
-        self.board.put("leader", resumed_reference if resumed_reference is not None else self.layout.pack())
-        leader = self._resumed_leader if resumed_reference is not None else None
-        version, rank, score = leader if leader is not None else (0, _NO_LEADER, math.inf)
-        self._write_leader(version, rank, score)
+        if self.variant == "board":  # algorithm1: the weights travel by collectives, the board only counts steps
+            self._publish_leader_copy(resumed_reference)
 
     @override
     def _communication_round(self) -> dict[str, float] | None:
         return self._global_round() if self.variant == "algorithm1" else self._board_round()
-
-    def _board_round(self) -> dict[str, float]:
-        score = float(self.round_score())  # NaN: this worker diverged; +inf: no finite loss yet
-        diverged = math.isnan(score)
-        own = self.layout.pack()
-        leader_copy: list[Tensor] | None = None
-        with self.board.locked():
-            version, leader, leader_score = self.read_leader()
-            if not diverged and (leader == self.global_rank or score < leader_score):
-                self.board.put("leader", own)
-                version, leader, leader_score = version + 1, self.global_rank, score
-                self._write_leader(version, leader, leader_score)
-            else:
-                if diverged and leader == self.global_rank:
-                    version, leader_score = version + 1, math.inf  # resign; the last finite copy stays
-                    self._write_leader(version, leader, leader_score)
-                leader_copy = self.board.get("leader", like=own)
-        metrics = {"lsgd/leader": float(leader), "lsgd/leader_score": leader_score}
-        metrics["lsgd/board_version"] = float(version)
-        if leader_copy is None:
-            return {**metrics, "lsgd/dist_to_leader": 0.0}
-        if diverged:
-            self._reset_to(leader_copy, "leader")
-            return metrics
-        return {**metrics, "lsgd/dist_to_leader": self._pull_toward(own, leader_copy)}
 
     def _pull_toward(self, own: list[Tensor], leader_copy: list[Tensor]) -> float:
         """x <- x - pull_strength (x - x_leader) (:func:`~..core.flat.pull_buckets`); returns ||x - x_l||."""
@@ -287,25 +248,13 @@ class AsyncLSGDStrategy(LeaderGroups, LeaderElection, AsynchronousStrategy):
     # ------------------------------------------------------------------------------------------------ the end
     @override
     def _settle_board(self) -> None:
-        """Board variant, once every worker has finished: a last election over the final scores, and the winner
-        publishes its current weights (also when it leads already: its copy may be up to tau steps old), so that the
-        final sync hands every worker the newest leader weights. Nobody is pulled."""
-        if self.variant == "algorithm1":
-            return
-        scores = self.collectives.all_gather(self.round_score().reshape(1).float())
-        best = elect_leader(scores)
-        version, _, _ = self.read_leader()
-        if best is not None and best == self.global_rank:
-            with self.board.locked():
-                self.board.put("leader", self.layout.pack())
-                self._write_leader(version + 1, best, float(scores[best]))
-        self.barrier("lsgd_lightning.final_election")  # published before anyone reads
+        if self.variant == "board":
+            self._final_election()
 
     @override
     def _reference_weights(self) -> list[Tensor]:
         if self.variant == "board":
-            with self.board.locked():
-                return self.board.get("leader", like=self.layout.pack())
+            return self._leader_copy()
         with self._guard.bypass():  # called where every worker is present (evaluation, checkpoint, the end)
             if self.eval_on == "average":
                 return self._average_weights()
@@ -324,15 +273,13 @@ class AsyncLSGDStrategy(LeaderGroups, LeaderElection, AsynchronousStrategy):
             return {}
         if self.variant == "algorithm1":
             return {"rounds_joined": self.rounds_joined, "local_rounds_joined": self.local_rounds_joined}
-        version, rank, score = self.read_leader()
-        return {"leader": (version, rank, score)}
+        return {"leader": self.read_leader()}
 
     @override
     def _load_extra_state_dict(self, state: dict[str, Any]) -> None:
         self.rounds_joined = int(state.get("rounds_joined", 0))
         self.local_rounds_joined = int(state.get("local_rounds_joined", 0))
-        leader = state.get("leader")
-        self._resumed_leader = (int(leader[0]), int(leader[1]), float(leader[2])) if leader is not None else None
+        self._restore_leader_record(state.get("leader"))
 
     @override
     def _on_fresh_start(self) -> None:
