@@ -179,11 +179,12 @@ class SlowRank(pl.Callback):
             time.sleep(self.seconds)
 
 
-def metric_with_straggler(name: str, rank: int) -> dict[str, Any]:
+def metric_with_straggler(name: str, rank: int, out: Path) -> dict[str, Any]:
     """6 batches per epoch, rank 1 sleeps 1 s after each: at the epoch's end it is ~6 s behind, the timeout is 4 s."""
     pl.seed_everything(SEED, verbose=False)
     strategy, _ = make(name, timeout=timedelta(seconds=4))
-    job = trainer(strategy, max_epochs=1, limit_train_batches=6, callbacks=[SlowRank(1, 1.0)])
+    # the epoch-end checkpoint (Lightning's default) goes into the job's folder, not the working directory
+    job = trainer(strategy, max_epochs=1, limit_train_batches=6, callbacks=[SlowRank(1, 1.0)], default_root_dir=out)
     error = None
     try:
         job.fit(MeanLossMetric(), models.train_loader(2))
@@ -199,7 +200,7 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
     if kind == "sigterm":
         return sigterm_stop(strategy, rank, out)
     if kind == "metric":
-        return metric_with_straggler(strategy, rank)
+        return metric_with_straggler(strategy, rank, out / f"metric_{strategy}")
     raise KeyError(name)
 
 
