@@ -1,4 +1,4 @@
-"""What the Leader SGD strategies share as settings of the replica base: the evaluated model is the elected leader.
+"""What the Leader SGD strategies share: the evaluated model is the elected leader, whose weights reach the others.
 
 The leader is the worker with the lowest *score*, the mean of its last ``leader_window`` training losses (Teng et
 al., NeurIPS 2019); the election itself is :func:`~lsgd_lightning.core.rules.elect_leader`.
@@ -6,7 +6,9 @@ al., NeurIPS 2019); the election itself is :func:`~lsgd_lightning.core.rules.ele
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from torch import Tensor
 
 
 class LeaderElection:
@@ -18,3 +20,14 @@ class LeaderElection:
     also_evaluates: ClassVar[tuple[str, ...]] = ("average",)
     _loss_window_arg: ClassVar[str] = "leader_window"
     _without_loss: ClassVar[str] = "this worker's score stays +inf (it cannot be elected)"
+    layout: Any  # the ReplicaStrategy's flat layout, collectives and rank
+    collectives: Any
+    global_rank: int
+
+    def _leader_weights(self, src: int) -> list[Tensor]:
+        """The flat buffers that carry ``src``'s weights: its own packed weights on ``src``, empty ones elsewhere."""
+        return [bucket.pack() if self.global_rank == src else bucket.empty() for bucket in self.layout.buckets]
+
+    def _leader_flats(self, src: int, group: Any = None, scope: str | None = None) -> list[Tensor]:
+        """``src``'s packed weights on every rank of ``group`` (one broadcast per bucket)."""
+        return [self.collectives.broadcast(f, src=src, group=group, scope=scope) for f in self._leader_weights(src)]

@@ -156,14 +156,13 @@ class LSGDStrategy(LeaderElection, PeriodicStrategy):
             rank_zero_warn(f"LSGD round after step {self.steps} skipped: no worker has a finite training loss.")
         return scores, leader
 
-    def _broadcast_flats(self, src: int, group: Any = None, scope: str | None = None) -> list[Tensor]:
-        """``src``'s packed weights on every rank of ``group`` (``src`` sends its own)."""
-        flats = [bucket.pack() if self.global_rank == src else bucket.empty() for bucket in self.layout.buckets]
-        if self.leader_broadcast == "chain" and group is None:
-            self.collectives.chain_broadcast(flats, src, self.global_rank, self.world_size)
-            return flats
-        collectives = self.collectives
-        return [collectives.broadcast(flat, src=src, group=group, scope=scope) for flat in flats]
+    def _broadcast_flats(self, src: int) -> list[Tensor]:
+        """``src``'s packed weights on every rank, by ``leader_broadcast``: a tree or a chain."""
+        if self.leader_broadcast != "chain":
+            return self._leader_flats(src)
+        flats = self._leader_weights(src)
+        self.collectives.chain_broadcast(flats, src, self.global_rank, self.world_size)
+        return flats
 
     def _pull_toward(self, leader_flats: list[Tensor]) -> float:
         """x <- x - pull_strength (x - x_leader) (:func:`~..core.flat.pull_buckets`); returns ||x - x_l||."""
@@ -208,7 +207,7 @@ class LSGDStrategy(LeaderElection, PeriodicStrategy):
         scores, leader = self._elect()
         if leader is None:
             return None
-        flats = [bucket.pack() if self.global_rank == leader else bucket.empty() for bucket in self.layout.buckets]
+        flats = self._leader_weights(leader)
         for flat in flats:
             self.comm.count(payload_bytes(flat))
         reset = bool(torch.isnan(scores[self.global_rank]))

@@ -66,14 +66,13 @@ from ..core.flat import pull_buckets
 from ..core.rules import elect_leader
 from .asynchronous import AsynchronousStrategy
 from .checks import check_async_groups, check_choice, check_fraction, check_multi_leader_options
-from .election import LeaderElection
 from .leader_board import LeaderBoard
 from .lsgd_multi import LeaderGroups
 
 VARIANTS = ("algorithm1", "board")
 
 
-class AsyncLSGDStrategy(LeaderGroups, LeaderElection, LeaderBoard, AsynchronousStrategy):
+class AsyncLSGDStrategy(LeaderGroups, LeaderBoard, AsynchronousStrategy):
     """Asynchronous Leader SGD: rounds triggered by the job's total step count (Algorithm 1; with ``group_size``
     local and global rounds, each on that count), or (``variant="board"``) a leader board each worker visits every
     ``tau`` of its own steps.
@@ -202,8 +201,7 @@ class AsyncLSGDStrategy(LeaderGroups, LeaderElection, LeaderBoard, AsynchronousS
             rank_zero_warn(f"LSGD round {self.rounds_joined} skipped: no worker has a finite training loss.")
             self.round_history.append(record)
             return None
-        flats = [b.pack() if self.global_rank == leader else b.empty() for b in self.layout.buckets]
-        flats = [self.collectives.broadcast(flat, src=leader) for flat in flats]
+        flats = self._leader_flats(leader)
         metrics = {**record, "lsgd/leader": float(leader), "lsgd/leader_score": float(scores[leader])}
         if bool(torch.isnan(scores[self.global_rank])):
             self._reset_to(flats, "leader")
@@ -262,8 +260,7 @@ class AsyncLSGDStrategy(LeaderGroups, LeaderElection, LeaderBoard, AsynchronousS
             if leader is None:
                 rank_zero_warn("No worker has a finite training loss; rank 0 stands in as the leader.")
                 leader = 0
-            flats = [b.pack() if self.global_rank == leader else b.empty() for b in self.layout.buckets]
-            return [self.collectives.broadcast(flat, src=leader) for flat in flats]
+            return self._leader_flats(leader)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     @override

@@ -43,6 +43,7 @@ from ..core.flat import to_master
 from ..core.rules import elect_leader, multi_leader_pull, sequential_multi_leader_pull, squared_distance
 from .base import ReplicaStrategy
 from .checks import check_multi_leader_options, check_pull_order
+from .election import LeaderElection
 from .lsgd import LSGDStrategy
 
 
@@ -51,7 +52,7 @@ def default_local_tau(tau: int) -> int:
     return max(d for d in range(1, max(1, tau // 4) + 1) if tau % d == 0)
 
 
-class LeaderGroups(ReplicaStrategy):
+class LeaderGroups(LeaderElection, ReplicaStrategy):
     """Mixin: multi-leader LSGD's groups and its round, shared by :class:`MultiLeaderLSGDStrategy` (rounds every
     ``local_tau`` steps of each worker) and :class:`~.lsgd_async.AsyncLSGDStrategy` with ``group_size`` (rounds every
     P·``local_tau`` steps of the whole job). The host sets ``tau`` and ``pull_strength`` and calls
@@ -202,11 +203,6 @@ class LeaderGroups(ReplicaStrategy):
             return flats
         collectives = self.collectives
         return [collectives.broadcast(flat, src=representative, group=self._row_group, scope="intra") for flat in flats]
-
-    def _leader_flats(self, src: int, group: Any, scope: str) -> list[Tensor]:
-        """``src``'s packed weights on every rank of ``group`` (``src`` sends its own)."""
-        flats = [bucket.pack() if self.global_rank == src else bucket.empty() for bucket in self.layout.buckets]
-        return [self.collectives.broadcast(flat, src=src, group=group, scope=scope) for flat in flats]
 
 
 class MultiLeaderLSGDStrategy(LeaderGroups, LSGDStrategy):
