@@ -1,7 +1,7 @@
 """The paper's claim where it can be seen: test error against wall-clock time on a bandwidth-limited cluster.
 
     mkdir -p ~/.cache/cifar10 && tar xzf cifar10-jpeg.tar.gz -C ~/.cache/cifar10   # train/<class>/*, test/<class>/*
-    sudo python benchmarks/time_to_accuracy.py --data-root ~/.cache/cifar10         # the grid: 5 x 3 runs, ~2.5 h
+    sudo python benchmarks/time_to_accuracy.py --data-root ~/.cache/cifar10         # the grid: 5 x 3 runs, ~2 h
     python benchmarks/time_to_accuracy.py --report-only benchmarks/results/time_to_accuracy
 
 The cluster is ``netns.py``'s (the one ``netcluster.py`` measures): ``--nodes`` network namespaces on a bridge, every
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--rate", default="20mbit", help="link rate in tc syntax (every link, both directions)")
     parser.add_argument("--network", choices=("netns", "loopback"), default="netns", help="loopback: no limit")
-    parser.add_argument("--budget", type=float, default=480.0, help="seconds of training time per run")
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds of training time per run")
     parser.add_argument("--eval-every", type=float, default=30.0, help="seconds of training time between tests")
     parser.add_argument("--check-every", type=int, default=TAU, help="steps between the nodes' clock checks")
     parser.add_argument("--tau", type=int, default=TAU, help="τ of lsgd, lsgd-overlap and easgd")

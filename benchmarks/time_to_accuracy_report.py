@@ -21,16 +21,18 @@ from report import document, markdown_table, plot
 
 CURVES, RUNS = "time_to_accuracy_curves.csv", "time_to_accuracy_runs.csv"
 STRATEGIES = ("lsgd", "lsgd-overlap", "easgd", "downpour", "dataparallel")
-TARGETS = (0.40, 0.30, 0.25)  # test errors whose time to reach the table shows
+# Test errors whose time to reach the table shows: within what 300 s of training reach on 4 nodes sharing 2 cores
+# (45-60% at the end, RESULTS.md section 6); the paper-scale 40/30/25% need a budget of many more epochs.
+TARGETS = (0.60, 0.55, 0.50)
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the budget: the fixed times of the error table
 # The LSGD paper (arXiv 1905.10395, read off its figures, about ±0.5 points; DESIGN.md): CNN7 on CIFAR-10, 16 workers.
 PAPER = (
     "The paper (CNN7, CIFAR-10, 16 GPU workers, 200 epochs with LR drops) reports a final test error of about 17.0% "
     "for LSGD and 17.5% for EASGD, DOWNPOUR behind both, and LSGD reaching a given error about 1.5x sooner than "
     "EASGD. This benchmark differs in ways that move every number: 4 CPU nodes instead of 16 workers, links emulated "
-    "at a fixed rate, a budget of minutes (some epochs, no LR drop) instead of 200 epochs, and the evaluated LSGD "
-    "model named in the settings (the paper evaluates the workers' average). Its errors are therefore far above the "
-    "paper's final ones; what can be compared is the ordering and the time ratios early in training."
+    "at a fixed rate, a budget of minutes (some epochs, no LR drop) instead of 200 epochs; LSGD's evaluated "
+    "model is the one named in the settings (the paper's is the workers' average). Its errors are therefore far "
+    "above the paper's final ones; what can be compared is the ordering and the time ratios early in training."
 )
 
 
@@ -73,6 +75,8 @@ def error_at(points: Sequence[CurvePoint], x: float, key: str = "train_s") -> fl
     xs = [getattr(p, key) for p in points]
     if not points or x > xs[-1] + 1e-9:
         return math.nan
+    if x >= xs[-1]:  # the last evaluation itself (up to rounding): not a segment's inside
+        return points[-1].error
     for (x0, e0), (x1, e1) in itertools.pairwise((getattr(p, key), p.error) for p in points):
         if x0 <= x <= x1:
             return e0 if x1 == x0 else e0 + (e1 - e0) * (x - x0) / (x1 - x0)

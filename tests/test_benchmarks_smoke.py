@@ -7,6 +7,7 @@ scripts write, not about the numbers, except where a number is exact (bytes per 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -239,6 +240,7 @@ def test_time_to_accuracy_orderings_and_times() -> None:
     curve = [CurvePoint("lsgd", 0, t, t, 0, e, err) for t, e, err in ((0, 0, 0.9), (10, 1, 0.5), (20, 2, 0.3))]
     assert error_at(curve, 5.0) == pytest.approx(0.7) and error_at(curve, 1.5, "epoch") == pytest.approx(0.4)
     assert math.isnan(error_at(curve, 21.0)) and time_to(curve, 0.5) == 10 and math.isnan(time_to(curve, 0.2))
+    assert error_at(curve, 20.0 + 1e-12) == 0.3 and error_at(curve, 2.0 + 1e-12, "epoch") == 0.3  # the end, rounded
     low, high = {0: 0.2, 1: 0.25, 2: 0.22}, {0: 0.3, 1: 0.31, 2: 0.28}
     assert ordering("a", low, "b", high, "final error").startswith("**supported**: a below b")
     assert ordering("b", high, "a", low, "final error").startswith("**supported**: a below b")
@@ -281,3 +283,15 @@ def test_equal_bytes_runs_the_app_and_reports_each_configuration(tmp_path: Path)
         assert rows[name][2:4] == ["1", "32"]  # runs, steps per worker
     assert rows["diloco"][-1].rstrip(" |") == "1.000" and rows["lsgd"][-1].rstrip(" |") == "1.000"
     assert (tmp_path / "equal_bytes.png").stat().st_size > 0
+
+
+def test_store_transfer_times_copies_and_transactions_through_the_board(tmp_path: Path) -> None:
+    """CNN7's size, 2 workers, 2 repeats: two timed copies each way alone and one contended row per job."""
+    text = run_benchmark(
+        "store_transfer.py", tmp_path, *("--models", "cnn7", "--workers", "2", "--repeats", "2", "--timeout", "60")
+    )
+    assert re.search(r"\| cnn7 \| 2 \| 1\.4 \| [\d.,]+ \[", text)  # 4 · 351,946 bytes per copy
+    with open(tmp_path / "store_transfer.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["kind"] for row in rows) == ["get alone"] * 2 + ["put alone"] * 2 + ["transaction, contended"]
+    assert all(float(row["seconds"]) > 0 for row in rows)
