@@ -12,7 +12,8 @@ flat float32 tensors of the models' sizes (``MODEL_SIZES``), in one local job of
 - contended: every rank runs ``--repeats`` transactions at once, each under the board's lock, reading the copy and
   writing it back (one ``easgd_async`` round: the center down, the new center up; DOWNPOUR's push-and-fetch moves
   one copy more). Seconds per transaction: the job's wall time for all P·repeats transactions over their number;
-  since the lock serializes them, this is the shortest interval at which the job can run rounds, whatever P.
+  since the lock serializes them (at any P the transactions take turns), this is the shortest interval at which
+  the job can run rounds.
 
 Writes ``store_transfer.csv`` (one row per timed transfer) and ``meta.json``, then ``store_transfer.md`` from them
 (``python benchmarks/report.py DIR`` rewrites it). Timing belongs on a quiet machine: nothing else running.

@@ -27,7 +27,9 @@ check lands on a round) all nodes agree by one all-reduce of their training cloc
 evaluation is due (one per ``--eval-every`` seconds of training time) or the budget is spent. An evaluation swaps the
 strategy's evaluation model into every node (as Lightning's validation does), and the nodes test it on the full test
 split together (node i takes images i, i+N, ...; the counts are all-reduced): the test error of the evaluated model on
-all 10,000 images. Its time and its traffic do not count against the budget or the bytes. Evaluations therefore fall
+all 10,000 images. Its time and its traffic do not count against the budget or the bytes; an overlapped LSGD round
+still in flight when an evaluation is due is waited for first and counted as training (before this was so, the
+recorded grid's ``lsgd-overlap`` runs dropped those rounds' bytes and wait, RESULTS.md section 6). Evaluations fall
 up to ``--check-every`` steps after their mark; each point records its own training time, step and epoch. For
 DOWNPOUR, asynchronous by design, the check is a synchronization point the algorithm does not have (every τ steps;
 on nodes of equal speed it costs one small all-reduce).
@@ -150,6 +152,11 @@ def node_main(spec: dict[str, Any]) -> None:
                 self.end_counters, self.end_payload = counters(iface), _payload(trainer)
 
         def evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, train_s: float) -> None:
+            # An overlapped round still in flight is training traffic and training time: let it land before the
+            # evaluation's accounting starts (else its bytes and its wait count as evaluation and are dropped).
+            finish_transfer = getattr(trainer.strategy, "finish_transfer", None)
+            if finish_transfer is not None:
+                finish_transfer()
             begin, (tx, rx), payload = time.perf_counter(), counters(iface), _payload(trainer)
             strategy = trainer.strategy
             strategy.on_validation_start()  # the evaluation model swapped in (a collective), as in validation
