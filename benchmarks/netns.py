@@ -237,6 +237,7 @@ def run_plan(cluster: Cluster | Loopback, script: Path, spec: dict[str, Any], pl
                 MASTER_ADDR=cluster.address(0),
                 MASTER_PORT=str(spec["port"]),
                 GLOO_SOCKET_IFNAME=cluster.iface(i),
+                TP_SOCKET_IFNAME=cluster.iface(i),  # TensorPipe (the asynchronous strategies' weights) likewise
                 OMP_NUM_THREADS=str(spec["threads"]),
                 PYTHONUNBUFFERED="1",
             )

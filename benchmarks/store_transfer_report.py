@@ -22,6 +22,7 @@ class Row:
     kind: str  # "put alone", "get alone" (rank 0, one copy) or "transaction, contended" (per transaction)
     repeat: int
     seconds: float
+    transport: str = "store"  # the holder's transport: "rpc" or "store" (runs before the RPC holder: "store")
 
 
 def _median_range(values: list[float]) -> str:
@@ -32,27 +33,29 @@ def report(folder: Path, meta: dict[str, Any]) -> str:
     args = stored_args(meta)
     rows = read_rows(Path(folder) / "store_transfer.csv", Row)
     table = []
-    for model in args.models:
+    transports = getattr(args, "transports", ["store"])
+    for model, transport, workers in ((m, t, w) for m in args.models for t in transports for w in args.workers):
         megabytes = 4 * MODEL_SIZES[model] / 1e6
-        for workers in args.workers:
-            mine = [row for row in rows if row.model == model and row.workers == workers]
-            put = [row.seconds for row in mine if row.kind == "put alone"]
-            get = [row.seconds for row in mine if row.kind == "get alone"]
-            (transaction,) = [row.seconds for row in mine if row.kind == "transaction, contended"]
-            table.append(
-                [
-                    model,
-                    workers,
-                    f"{megabytes:,.1f}",
-                    _median_range(put),
-                    _median_range(get),
-                    f"{megabytes / statistics.median(put):,.0f} / {megabytes / statistics.median(get):,.0f}",
-                    f"{transaction * 1e3:,.1f}",
-                    f"{1 / transaction:,.1f}",
-                ]
-            )
+        mine = [row for row in rows if (row.model, row.transport, row.workers) == (model, transport, workers)]
+        put = [row.seconds for row in mine if row.kind == "put alone"]
+        get = [row.seconds for row in mine if row.kind == "get alone"]
+        (transaction,) = [row.seconds for row in mine if row.kind == "transaction, contended"]
+        table.append(
+            [
+                model,
+                transport,
+                workers,
+                f"{megabytes:,.1f}",
+                _median_range(put),
+                _median_range(get),
+                f"{megabytes / statistics.median(put):,.0f} / {megabytes / statistics.median(get):,.0f}",
+                f"{transaction * 1e3:,.1f}",
+                f"{1 / transaction:,.1f}",
+            ]
+        )
     header = [
         "model size",
+        "transport",
         "P",
         "MB per copy",
         "put alone, ms (median [min-max])",
@@ -63,8 +66,11 @@ def report(folder: Path, meta: dict[str, Any]) -> str:
     ]
     settings = (
         f"- settings: {args.repeats} timed copies alone and {args.repeats} transactions per rank; flat float32 "
-        "tensors of the models' sizes through the package's `StoreBoard` (the job's `TCPStore`, served by rank 0's "
-        "process) over loopback; a transaction = lock, read the copy, write it back (one `easgd_async` round)\n\n"
+        "tensors of the models' sizes through the package's `StoreBoard` over loopback, the weights held in rank 0's "
+        "process and moved by `torch.distributed.rpc` (`rpc`) or as values on the job's `TCPStore` (`store`); a "
+        "transaction = the store's lock, read the copy, write it back (one `easgd_async` round); copies alone from "
+        "the last rank (rank 0's own transfers to the RPC holder, in its process, are local copies, as in the "
+        "strategies)\n\n"
     )
     reading = (
         "The lock serializes the transactions, so the last column is what the whole job can do, however many "
@@ -73,7 +79,7 @@ def report(folder: Path, meta: dict[str, Any]) -> str:
         "worker every tau of its steps; `downpour` with its preset (tau = 1) one per worker and step.\n"
     )
     return document(
-        "Whole models through the job's store (`benchmarks/store_transfer.py`)",
+        "Whole models to and from the parameter holder (`benchmarks/store_transfer.py`)",
         meta,
         settings,
         [markdown_table(header, table), reading],

@@ -77,6 +77,8 @@ def strategy_overrides(name: str, lsgd_eval_on: str, tau: int) -> list[str]:
         return ["strategy=lsgd", f"strategy.tau={tau}", f"strategy.eval_on={lsgd_eval_on}", *extra]
     if name == "easgd":
         return [f"strategy={name}", f"strategy.tau={tau}"]
+    if name == "downpour":  # its weights by RPC over TCP only: shared memory would bypass the emulated links
+        return [f"strategy={name}", "strategy.rpc_options={_transports:[uv],_channels:[basic]}"]
     return [f"strategy={name}"]
 
 

@@ -82,7 +82,12 @@ def _straggling(
     rank: int, world_size: int, strategy: pl.strategies.Strategy, hold: bool = False, **kwargs: Any
 ) -> dict[str, Any]:
     extra = [Straggler(SLOW_RANK, SLOW_S, (2, 6) if hold else None), *kwargs.pop("extra_callbacks", [])]
-    return _fit(rank, world_size, strategy, extra_callbacks=extra, **kwargs)
+    result = _fit(rank, world_size, strategy, extra_callbacks=extra, **kwargs)
+    board = strategy._board
+    if board is not None:  # where the weights went: the holder used, and whether the store has a weight entry
+        result["holder"] = type(board.holder).__name__
+        result["weights_on_store"] = any(board.store.check([f"t/{n}/0/0"]) for n in ("center", "parameters", "leader"))
+    return result
 
 
 def _checkpointer(directory: Path) -> ModelCheckpoint:
@@ -99,6 +104,8 @@ def scenario(name: str, rank: int, world_size: int, out: Path) -> dict[str, Any]
         return _straggling(rank, world_size, make("downpour", **DOWNPOUR_PUSH_FETCH), hold=True)
     if name in ("lsgd_async", "easgd_async", "downpour"):  # a fast worker finishes step 6 before the straggler's 3
         return _straggling(rank, world_size, make(name), hold=True)
+    if name.endswith("_store"):  # the same, the weights as values on the store (weight_transport="store")
+        return _straggling(rank, world_size, make(name.removesuffix("_store"), weight_transport="store"), hold=True)
     if name.endswith("_diverge"):  # rank 2's weights turn NaN before step 4
         strategy = make(name.removesuffix("_diverge"))
         return _straggling(rank, world_size, strategy, make_model=lambda: models.DivergingRegressor(rank=2, step=4))

@@ -27,6 +27,7 @@ KINDS = ["lsgd_async", "easgd_async", "downpour"]
 SETTINGS = {"lsgd_async": LSGD_ASYNC, "easgd_async": EASGD_ASYNC, "downpour": DOWNPOUR}
 SCENARIOS = [
     *KINDS,
+    *(f"{k}_store" for k in KINDS),
     *(f"{k}_diverge" for k in KINDS),
     *(f"{k}_eval" for k in KINDS),
     *(f"{k}_resume" for k in KINDS),
@@ -49,9 +50,10 @@ def finite(state: dict[str, torch.Tensor]) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # The update rules, in the order the board saw them
 # ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("transport", ["rpc", "store"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_async_update_rule_matches_the_replay(job: Path, kind: str) -> None:
-    got = results(job, kind)
+def test_async_update_rule_matches_the_replay(job: Path, kind: str, transport: str) -> None:
+    got = results(job, kind if transport == "rpc" else f"{kind}_store")
     order = asim.transactions(got)
     # every round of every worker ran as one transaction: 4 rounds each (steps 3, 6, 9, 12), numbers 1..16
     assert [t for t, _, _ in order] == list(range(1, 4 * WORLD + 1))
@@ -64,6 +66,15 @@ def test_async_update_rule_matches_the_replay(job: Path, kind: str) -> None:
         # the leader each worker saw after its round is the replay's board leader after that transaction
         seen = {t: r["lsgd/leader"] for res in got for r in res["rounds"] for t in [int(r["async/transaction"])]}
         assert [seen[t] for t in sorted(seen)] == board.leaders_seen
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_weights_travel_by_rpc_unless_the_store_is_asked_for(job: Path, kind: str) -> None:
+    """weight_transport="rpc" (default): the board's store holds no weight entry; "store": it does."""
+    for result in results(job, kind):
+        assert (result["holder"], result["weights_on_store"]) == ("RpcHolder", False)
+    for result in results(job, f"{kind}_store"):
+        assert (result["holder"], result["weights_on_store"]) == ("StoreHolder", True)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -197,6 +208,8 @@ def test_a_worker_that_vanishes_is_named_after_the_timeout(tmp_path: Path) -> No
         (lambda: DownpourStrategy(push_scale=1.5), "push_scale must be a number in (0, 1] or '1/P'"),
         (lambda: DownpourStrategy(push_scale="1/2"), "push_scale must be a number in (0, 1] or '1/P'"),
         (lambda: AsyncEASGDStrategy(momentum_rule="sgd"), "momentum_rule must be 'optimizer' or 'eamsgd'"),
+        (lambda: DownpourStrategy(weight_transport="tcp"), "weight_transport must be 'rpc' or 'store'"),
+        (lambda: AsyncEASGDStrategy(rpc_options={"rpc_timeout": 5}), "rpc_options may not set ['rpc_timeout']"),
     ],
 )
 def test_bad_settings_are_refused_by_name(make: Any, message: str) -> None:

@@ -286,12 +286,16 @@ def test_equal_bytes_runs_the_app_and_reports_each_configuration(tmp_path: Path)
 
 
 def test_store_transfer_times_copies_and_transactions_through_the_board(tmp_path: Path) -> None:
-    """CNN7's size, 2 workers, 2 repeats: two timed copies each way alone and one contended row per job."""
+    """CNN7's size, 2 workers, 2 repeats, both transports: two timed copies each way alone and one contended row per
+    job and transport."""
     text = run_benchmark(
         "store_transfer.py", tmp_path, *("--models", "cnn7", "--workers", "2", "--repeats", "2", "--timeout", "60")
     )
-    assert re.search(r"\| cnn7 \| 2 \| 1\.4 \| [\d.,]+ \[", text)  # 4 · 351,946 bytes per copy
+    for transport in ("rpc", "store"):  # 4 · 351,946 bytes per copy
+        assert re.search(rf"\| cnn7 \| {transport} \| 2 \| 1\.4 \| [\d.,]+ \[", text), text
     with open(tmp_path / "store_transfer.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert sorted(row["kind"] for row in rows) == ["get alone"] * 2 + ["put alone"] * 2 + ["transaction, contended"]
+    for transport in ("rpc", "store"):
+        kinds = sorted(row["kind"] for row in rows if row["transport"] == transport)
+        assert kinds == ["get alone"] * 2 + ["put alone"] * 2 + ["transaction, contended"]
     assert all(float(row["seconds"]) > 0 for row in rows)

@@ -8,8 +8,9 @@ unique to one ``fit``:
 
 - a mutual-exclusion lock (``compare_set`` on one key): every read-modify-write of the shared state runs under it,
   so the rounds of different workers are serialized and each sees the state the previous one left;
-- flat tensors (weights), cut into pieces of at most :data:`PIECE_BYTES` (the libuv store refuses messages over
-  8 MiB); a reader under the lock always gets one complete version;
+- flat tensors (weights), through a :class:`~.holder.WeightHolder`: on the store itself by default, or in the rank-0
+  process by ``torch.distributed.rpc`` (:class:`~.holder.RpcHolder`, what the asynchronous strategies use by
+  default); a reader under the lock always gets one complete version;
 - small text records (e.g. the leader's rank and score);
 - a rendezvous that waits for every worker to reach the same point (watching their heartbeats).
 
@@ -18,13 +19,13 @@ up with an error naming them if one of them posted a failure (the fit's :class:`
 them started a training batch for ``timeout_s`` seconds (killed, hung, or stopped early). A slow worker that is still
 stepping is waited for as long as it keeps stepping.
 
-Costs: everything travels through the rank-0 process, like a parameter server. Reading or writing d float32 values
-moves 4·d bytes to or from that process (about 200 to 300 MB/s on loopback on a 2-core machine).
+Costs: everything travels to or from the rank-0 process, like a parameter server. Reading or writing d float32 values
+moves 4·d bytes (measured in RESULTS.md section 8: about 200 MB/s through the store, about 1 GB/s through RPC, on
+loopback on a 2-core machine).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,8 +36,9 @@ from torch import Tensor
 
 from .collectives import CommMeter
 from .health import HealthBoard
+from .holder import StoreHolder, WeightHolder
 
-PIECE_BYTES = 4 << 20  # below the libuv TCPStore's 8 MiB limit per message
+FAILURE_GRACE_S = 2.0  # how long a broken transfer looks for a failure another worker is posting
 _FREE = ""  # value of the lock key when nobody holds it (compare_set treats a missing key as "")
 
 
@@ -82,6 +84,8 @@ class StoreBoard:
         self.while_waiting: Callable[[], None] | None = None
         self.holds_lock = False
         self.transaction = 0  # number of the last transaction this worker ran: the board's order of transactions
+        # Where put/get move the weights (core.holder): on the store itself unless a strategy opens another holder.
+        self.holder: WeightHolder = StoreHolder(self.store)
 
     # ---------------------------------------------------------------------------------------------- lock
     @contextmanager
@@ -109,30 +113,35 @@ class StoreBoard:
 
     # ---------------------------------------------------------------------------------------------- tensors
     def put(self, name: str, flats: Sequence[Tensor]) -> None:
-        """Store ``flats`` under ``name`` (call under the lock so readers never see a half-written version)."""
-        with self.meter.timed(self.device):
-            for index, flat in enumerate(flats):
-                data = flat.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes()
-                for piece, start in enumerate(range(0, len(data), PIECE_BYTES)):
-                    self.store.set(f"t/{name}/{index}/{piece}", data[start : start + PIECE_BYTES])
-                self.meter.count(len(data))
+        """Hold ``flats`` under ``name`` (call under the lock so readers never see a half-written version)."""
+        with self.meter.timed(self.device), self._naming_failures(f"writing {name!r}"):
+            self.holder.put(name, flats)
+        self.meter.count(sum(flat.numel() * flat.element_size() for flat in flats))
 
     def get(self, name: str, like: Sequence[Tensor]) -> list[Tensor]:
-        """Read the tensors stored under ``name``; ``like`` gives their sizes, dtypes and device."""
-        out: list[Tensor] = []
-        with self.meter.timed(self.device):
-            for index, reference in enumerate(like):
-                nbytes = reference.numel() * reference.element_size()
-                pieces = [self.store.get(f"t/{name}/{index}/{p}") for p in range(math.ceil(nbytes / PIECE_BYTES))]
-                data = b"".join(pieces)
-                if len(data) != nbytes:
-                    raise RuntimeError(f"board entry {name!r}[{index}] holds {len(data)} bytes, expected {nbytes}.")
-                flat = torch.empty(reference.numel(), dtype=reference.dtype)
-                if nbytes:
-                    flat.view(torch.uint8).copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-                out.append(flat.to(reference.device))
-                self.meter.count(nbytes)
+        """Read the tensors held under ``name``; ``like`` gives their sizes, dtypes and device."""
+        with self.meter.timed(self.device), self._naming_failures(f"reading {name!r}"):
+            out = self.holder.get(name, like)
+        self.meter.count(sum(flat.numel() * flat.element_size() for flat in like))
         return out
+
+    @contextmanager
+    def _naming_failures(self, what: str) -> Iterator[None]:
+        """A transfer that breaks because another worker failed (the holder's process ended its transport) raises
+        that worker's error, not the transport's; otherwise the transport's error stands."""
+        try:
+            yield
+        except Exception as error:
+            others = [r for r in range(self.world_size) if r != self.rank]
+            deadline = time.monotonic() + FAILURE_GRACE_S  # the failed worker may still be posting its error
+            while (failed := self.health.failure(others)) is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if failed is None:
+                raise
+            rank, message = failed
+            raise RuntimeError(
+                f"rank {self.rank} was {what} on the board and rank {rank} failed with {message}"
+            ) from error
 
     # ---------------------------------------------------------------------------------------------- records
     def set_record(self, name: str, value: str) -> None:

@@ -33,7 +33,7 @@ A subclass implements :meth:`_communication_round` (one transaction on ``self.bo
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -43,6 +43,8 @@ from typing_extensions import override
 
 from ..core.board import StoreBoard
 from ..core.flat import to_master
+from ..core.holder import WEIGHT_TRANSPORTS, RpcHolder, check_rpc_options, require_rpc
+from .checks import check_choice
 from .meetings import MeetingPoints
 from .periodic import PeriodicStrategy
 
@@ -51,7 +53,30 @@ class AsynchronousStrategy(MeetingPoints, PeriodicStrategy):
     """Base: rounds are transactions on a :class:`StoreBoard`; workers meet only where Lightning needs them to.
 
     Subclasses implement :meth:`_communication_round`, :meth:`_reference_weights` and :meth:`_publish_initial`.
+
+    Args:
+        weight_transport: how the shared weights travel to and from the rank-0 process that holds them:
+            ``"rpc"`` (default: ``torch.distributed.rpc``/TensorPipe, :class:`~..core.holder.RpcHolder`) or
+            ``"store"`` (as values on the job's c10d store, through its one server thread; for torch builds
+            without RPC). The lock, the records and the rendezvous stay on the store either way.
+        rpc_options: further ``torch.distributed.rpc.TensorPipeRpcBackendOptions`` arguments for ``"rpc"`` (e.g.
+            ``num_worker_threads``, default 4; ``_transports=["uv"]`` to force TCP between processes of one machine).
+        **kwargs: passed on to the algorithm's base.
+
+    Raises:
+        ValueError: an unknown ``weight_transport``, or ``rpc_options`` setting ``init_method``/``rpc_timeout``.
+        RuntimeError: ``"rpc"`` where this torch build has no ``torch.distributed.rpc``.
     """
+
+    def __init__(
+        self, *args: Any, weight_transport: str = "rpc", rpc_options: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        check_choice("weight_transport", weight_transport, WEIGHT_TRANSPORTS)
+        if weight_transport == "rpc":
+            require_rpc()
+        self.rpc_options = check_rpc_options(rpc_options)
+        self.weight_transport = weight_transport
+        super().__init__(*args, **kwargs)
 
     @property
     def board(self) -> StoreBoard:
@@ -105,6 +130,13 @@ class AsynchronousStrategy(MeetingPoints, PeriodicStrategy):
         if trainer.state.fn != TrainerFn.FITTING or self.world_size == 1:
             return
         board = self._open_board("async")
+        if self.weight_transport == "rpc" and self._uses_holder():
+            # A rendezvous of every worker; weights then go to and from rank 0 by RPC, the rest stays on the store.
+            assert self._health is not None
+            key = f"{self._health.prefix}/holder"  # unique to this fit
+            board.holder = RpcHolder(
+                key, self.global_rank, self.world_size, board.store, self._timeout_s(), self.rpc_options
+            )
         if self.is_global_zero:
             self._publish_initial(self._resumed_reference_flats())
         self._prepare_board()
@@ -114,6 +146,29 @@ class AsynchronousStrategy(MeetingPoints, PeriodicStrategy):
         if self._job is not None:
             self._job.while_waiting = self._waiting
         self._guard.install()
+
+    def _uses_holder(self) -> bool:
+        """Whether this fit keeps weights on the board (not so in asynchronous LSGD's Algorithm 1)."""
+        return True
+
+    def _close_holder(self, graceful: bool) -> None:
+        if self._board is not None:
+            self._board.holder.close(graceful)
+
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()  # every worker present: the final sync, then a barrier
+        self._close_holder(graceful=True)
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)  # posts the failure first: a peer whose transfer breaks then finds it
+        self._close_holder(graceful=False)  # another worker may be gone: do not wait for it
+
+    @override
+    def teardown(self) -> None:
+        self._close_holder(graceful=False)  # no-op after a normal end (closed in on_train_end)
+        super().teardown()
 
     def _prepare_board(self) -> None:
         """Every rank, before the board is used: add what this rank contributes to the shared state."""

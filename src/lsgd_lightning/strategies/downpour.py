@@ -1,6 +1,7 @@
 """DOWNPOUR SGD (Dean et al., NIPS 2012), the asynchronous parameter-server baseline of the LSGD and EASGD papers.
 
-A parameter holder keeps the model w on the job's store (:class:`~lsgd_lightning.core.board.StoreBoard`). Every
+A parameter holder keeps the model w in rank 0's process (:mod:`~lsgd_lightning.core.holder`, reached by
+``torch.distributed.rpc``, under a lock on the job's store: :class:`~lsgd_lightning.core.board.StoreBoard`). Every
 worker trains its replica at its own pace. As in Dean et al.'s Downpour client (their Algorithm 7.1, parameters
 n_fetch and n_push), a worker pushes the update it accrued every ``push_every`` of its *own* optimizer steps and
 fetches the parameters every ``fetch_every``; with ``b`` the point its accrued update is measured from (its
@@ -26,7 +27,8 @@ Defaults: ``tau=1`` (push and fetch after every step), the EASGD paper's setting
 Sec. 5, as read from a transcription of the paper: DOWNPOUR and MDOWNPOUR were run with τ = 1 in the experiments of
 Figs. 3 and 4; in Fig. 2 the DOWNPOUR-based methods did best at τ ∈ {1, 4} and became unstable at τ ∈ {16, 64}).
 
-Communicated per round, through the store served by the rank-0 process (d = floating-point parameters and buffers,
+Communicated per round, to and from the rank-0 process (``weight_transport``: by RPC, or as values on the store;
+d = floating-point parameters and buffers,
 4·d bytes for float32): a push reads and writes w (8·d), a fetch reads it (4·d), both together 8·d.
 """
 
@@ -55,6 +57,8 @@ class DownpourStrategy(AsynchronousStrategy):
         push_every: a worker's optimizer steps between its pushes (Dean et al.'s n_push); default ``tau``.
         fetch_every: a worker's optimizer steps between its fetches (n_fetch); default ``tau``.
         push_scale: the fraction of a pushed update the holder adds, in (0, 1], or ``"1/P"`` (1 / world_size).
+        weight_transport, rpc_options: how the shared weights travel to and from rank 0's process, which holds them
+            (``"rpc"``, default, or ``"store"``; see :class:`~.asynchronous.AsynchronousStrategy`).
         **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (evaluate the held parameters, or ``"local"``),
             ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and Lightning's process arguments.
 

@@ -1,8 +1,9 @@
 """Asynchronous Elastic Averaging SGD (Zhang, Choromanska, LeCun 2015, arXiv:1412.6651, Algorithm 1).
 
-The center variable c lives in one place, the job's store (:class:`~._board.StoreBoard`), like the paper's parameter
-server. Every worker trains at its own pace; after every ``tau``-th of its *own* optimizer steps, worker i runs one
-transaction under the board's lock, with the values it read::
+The center variable c lives in one place, rank 0's process, like the paper's parameter server: a parameter holder
+(:mod:`~lsgd_lightning.core.holder`, reached by ``torch.distributed.rpc``) under a lock on the job's store
+(:class:`~lsgd_lightning.core.board.StoreBoard`). Every worker trains at its own pace; after every ``tau``-th of its
+*own* optimizer steps, worker i runs one transaction under the board's lock, with the values it read::
 
     read c
     delta = alpha * (x_i - c)
@@ -19,8 +20,8 @@ the paper's alpha = beta / P with beta = 0.9; in the asynchronous form nothing f
 workers' moves of c are sequential, not summed in one step.
 
 Communicated per round: the center read and written back, 2 · 4·d bytes for float32 (d = floating-point
-parameters and buffers) through the store served by the rank-0 process: 8·d / tau bytes per step, twice the
-synchronous EASGD's all-reduce payload, with no worker waiting for another.
+parameters and buffers) to and from the rank-0 process (``weight_transport``: by RPC, or as values on the store):
+8·d / tau bytes per step, twice the synchronous EASGD's all-reduce payload, with no worker waiting for another.
 
 ``momentum_rule="eamsgd"`` is the paper's Algorithm 2 (asynchronous EAMSGD), as the authors' code runs it
 (``sixin-zh/mpiT``, ``BiCNN/optim-eamsgd.lua``): the transaction moves x (not the look-ahead x + δv that the model
@@ -52,6 +53,8 @@ class AsyncEASGDStrategy(ElasticStrategy, AsynchronousStrategy):
         moving_rate: alpha itself, in (0, 1) (overrides ``beta``).
         momentum_rule: ``"optimizer"`` (the optimizer's own step) or ``"eamsgd"`` (Algorithm 2: the strategy steps
             SGD's Nesterov momentum and the elastic force moves x, not x + δv).
+        weight_transport, rpc_options: how the shared weights travel to and from rank 0's process, which holds them
+            (``"rpc"``, default, or ``"store"``; see :class:`~.asynchronous.AsynchronousStrategy`).
         **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (evaluate the center, or ``"local"``),
             ``final_sync``, ``bucket_cap_mb``, ``timeout``, ``start_method`` and Lightning's process arguments.
 

@@ -1,8 +1,9 @@
 """The leader board of asynchronous LSGD's ``variant="board"`` (a variant of this package, not the paper's).
 
 After every ``tau``-th of its own steps a worker runs one transaction on a board in the job's store
-(:class:`~lsgd_lightning.core.board.StoreBoard`), under its lock: if it is the leader or its score beats the board's,
-it publishes its weights as the leader's copy, else it pulls toward that copy. The board only ever holds finite
+(:class:`~lsgd_lightning.core.board.StoreBoard`; the leader's copy is held in rank 0's process,
+:mod:`~lsgd_lightning.core.holder`), under its lock: if it is the leader or its score beats the board's, it publishes
+its weights as the leader's copy, else it pulls toward that copy. The board only ever holds finite
 weights: a diverged leader resigns (its last finite copy stays), a diverged worker is reset to the copy. The record
 ``(version, rank, score)`` travels in the checkpoint shards, the copy in the main file.
 """

@@ -37,7 +37,8 @@ transaction on a leader board on the job's store (:class:`~lsgd_lightning.core.b
 it is the leader or its score beats the board's, it publishes its weights as the leader's copy, else it pulls toward
 that copy. Only the worker whose round it is moves, toward a copy up to the leader's ``tau`` steps old, and nobody
 ever waits for a round. The board only ever holds finite weights (a diverged leader resigns; a diverged worker is reset
-to the copy). Bytes: one model copy up or down per round through the store (rank 0's process).
+to the copy). Bytes: one model copy up or down per round, to or from rank 0's process, which holds the copy
+(``weight_transport``: by RPC, or as values on the store; the record and the lock are on the store).
 
 Both end with every worker holding the newest leader weights (``final_sync``): a last election over all workers'
 final scores, the winner's current weights to everyone.
@@ -92,6 +93,9 @@ class AsyncLSGDStrategy(LeaderGroups, LeaderBoard, AsynchronousStrategy):
             ``local_pull_strength + pull_strength <= 1``).
         bn_recalibration_batches: with ``eval_on="average"``, re-estimate the average's BatchNorm statistics on
             this many of each rank's training batches before it is evaluated, saved or final-synced (0: off).
+        weight_transport, rpc_options: ``variant="board"``: how the leader's copy travels to and from rank 0's
+            process, which holds it (``"rpc"``, default, or ``"store"``; see
+            :class:`~.asynchronous.AsynchronousStrategy`). Algorithm 1 moves weights by collectives.
         **kwargs: :class:`~.base.ReplicaStrategy`'s ``eval_on`` (``"leader"``; ``"average"``: all workers' mean
             weights, ``"algorithm1"`` only; or ``"local"``), ``final_sync``, ``bucket_cap_mb``, ``timeout``,
             ``start_method`` and Lightning's process arguments.
@@ -234,6 +238,10 @@ class AsyncLSGDStrategy(LeaderGroups, LeaderBoard, AsynchronousStrategy):
     def _publish_initial(self, resumed_reference: list[Tensor] | None) -> None:
         if self.variant == "board":  # algorithm1: the weights travel by collectives, the board only counts steps
             self._publish_leader_copy(resumed_reference)
+
+    @override
+    def _uses_holder(self) -> bool:
+        return self.variant == "board"  # algorithm1 moves weights by collectives
 
     @override
     def _communication_round(self) -> dict[str, float] | None:
