@@ -59,7 +59,18 @@ def host_copy(flat: Tensor) -> Tensor:
     return flat.to("cpu", copy=True) if flat.device.type == "cpu" else flat.cpu()
 
 
-def _shaped_like(flats: Sequence[Tensor], like: Sequence[Tensor], name: str) -> list[Tensor]:
+def _to_send(flat: Tensor) -> Tensor:
+    """``flat`` as a 1-D CPU tensor that owns exactly its values: RPC sends a tensor's whole storage, and copies it
+    on its way anyway, so a compact CPU tensor goes as it is (no extra copy of a whole model)."""
+    flat = flat.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        return flat.cpu()
+    compact = flat.storage_offset() == 0 and flat.untyped_storage().nbytes() == flat.numel() * flat.element_size()
+    return flat if compact else flat.clone()
+
+
+def _shaped_like(flats: Sequence[Tensor], like: Sequence[Tensor], name: str, copy: bool = True) -> list[Tensor]:
+    """``flats`` checked against ``like`` and placed on its devices (``copy=False``: tensors nobody else holds)."""
     if len(flats) != len(like):
         raise RuntimeError(f"the holder's entry {name!r} has {len(flats)} tensors, expected {len(like)}.")
     out = []
@@ -69,7 +80,7 @@ def _shaped_like(flats: Sequence[Tensor], like: Sequence[Tensor], name: str) -> 
                 f"the holder's entry {name!r}[{index}] holds {flat.numel()} {flat.dtype} values, expected "
                 f"{reference.numel()} {reference.dtype}."
             )
-        out.append(flat.to(reference.device, copy=True))
+        out.append(flat.to(reference.device, copy=copy))
     return out
 
 
@@ -248,13 +259,13 @@ class RpcHolder:
     def put(self, name: str, flats: Sequence[Tensor]) -> None:
         self._check_open()
         self._names.add(name)
-        copies = [host_copy(flat) for flat in flats]
         if self.rank == self.holder_rank:
-            _hold(self.key, name, copies)
+            _hold(self.key, name, [host_copy(flat) for flat in flats])
             return
         from torch.distributed import rpc
 
-        rpc.rpc_sync(_worker(self.holder_rank), _hold, args=(self.key, name, copies), timeout=self.timeout_s)
+        sent = [_to_send(flat) for flat in flats]  # the holder receives its own copies
+        rpc.rpc_sync(_worker(self.holder_rank), _hold, args=(self.key, name, sent), timeout=self.timeout_s)
 
     def get(self, name: str, like: Sequence[Tensor]) -> list[Tensor]:
         self._names.add(name)
@@ -263,7 +274,8 @@ class RpcHolder:
                 raise RuntimeError(f"the parameter holder of this fit is closed and kept no entry {name!r}.")
             return _shaped_like(self._frozen[name], like, name)
         self._check_open()
-        return _shaped_like(self._read(name), like, name)
+        # In the holder's process the held tensors themselves: copy. Elsewhere RPC delivered fresh ones.
+        return _shaped_like(self._read(name), like, name, copy=self.rank == self.holder_rank)
 
     def close(self, graceful: bool) -> None:
         global _agent_owner
