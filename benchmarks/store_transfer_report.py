@@ -75,7 +75,7 @@ def report(folder: Path, meta: dict[str, Any]) -> str:
     reading = (
         "The lock serializes the transactions, so the last column is what the whole job can do, however many "
         "workers share it: an asynchronous strategy whose workers together ask for more rounds per second than "
-        "that waits on the store. `easgd_async` and the board variant of `lsgd_async` run one transaction per "
+        "that waits for the lock. `easgd_async` and the board variant of `lsgd_async` run one transaction per "
         "worker every tau of its steps; `downpour` with its preset (tau = 1) one per worker and step.\n"
     )
     return document(
