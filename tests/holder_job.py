@@ -51,3 +51,22 @@ def exchange(rank: int, world_size: int, transport: str) -> dict[str, Any]:
     seen["after close"] = holder.get("weights", like)  # the last values, kept here
     dist.destroy_process_group()
     return seen
+
+
+def after_users_own_agent(rank: int, world_size: int) -> str:
+    """The user started an RPC agent of their own: opening the holder must fail at once, saying what to do."""
+    from torch.distributed import rpc
+
+    from lsgd_lightning.local_job import free_port
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    options = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{free_port()}")
+    rpc.init_rpc("users-own", rank=rank, world_size=world_size, rpc_backend_options=options)
+    try:
+        RpcHolder("test/holder", rank, world_size, dist.distributed_c10d._get_default_store(), timeout_s=10.0)
+    except RuntimeError as error:
+        return str(error)
+    finally:
+        rpc.shutdown()
+        dist.destroy_process_group()
+    return "no error"

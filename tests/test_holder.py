@@ -14,7 +14,7 @@ from lsgd_lightning.core.collectives import CommMeter
 from lsgd_lightning.core.health import HealthBoard
 from lsgd_lightning.core.holder import check_rpc_options, host_copy
 from lsgd_lightning.local_job import run_local_job
-from tests.holder_job import _values, exchange
+from tests.holder_job import _values, after_users_own_agent, exchange
 
 WORLD = 3
 
@@ -114,3 +114,9 @@ def test_without_rpc_the_default_transport_is_refused_and_store_still_works(monk
     ):
         DownpourStrategy()
     assert DownpourStrategy(weight_transport="store").weight_transport == "store"
+
+
+def test_an_rpc_agent_the_user_started_is_named_with_what_to_do(tmp_path: Path) -> None:
+    (message,) = run_local_job(after_users_own_agent, 1, deadline_s=60, workdir=tmp_path)
+    assert "an RPC agent started outside lsgd_lightning already runs in this process" in message, message
+    assert "weight_transport='store'" in message

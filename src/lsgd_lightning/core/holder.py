@@ -284,10 +284,15 @@ class RpcHolder:
         from torch.distributed import rpc
 
         try:
-            if graceful:  # nothing changes any more: keep the last values for reads after the fit
-                self._frozen = {name: [flat.clone() for flat in self._read(name)] for name in sorted(self._names)}
+            if graceful:  # nothing changes any more: keep the last values for reads after the fit (held tensors
+                # are never changed in place, and RPC delivers fresh ones: no copy needed)
+                self._frozen = {name: self._read(name) for name in sorted(self._names)}
             # Graceful: waits until every worker got here, so rank 0 serves until the last read is done.
             rpc.shutdown(graceful=graceful, timeout=self.timeout_s)
+        except Exception:
+            with contextlib.suppress(Exception):  # never leave the agent running: the next fit starts its own
+                rpc.shutdown(graceful=False)
+            raise
         finally:
             _agent_owner = None
             with _HELD_LOCK:
