@@ -8,7 +8,8 @@ in a few minutes, one PASS/FAIL line per check (exit code 1 if any failed):
 - ``precision/<p>``: LSGD under ``16-mixed``, ``bf16-mixed`` and ``bf16-true`` (float32 masters, finite weights);
 - ``no-host-sync``: ``torch.cuda.set_sync_debug_mode("error")`` around LSGD's steps without a round;
 - ``shared-gpu/<strategy>``: 2 ranks sharing the GPU over gloo (CUDA tensors through gloo's all-reduce and
-  broadcast) for the collective-based strategies, with rounds on every second step;
+  broadcast) for the collective-based strategies, with rounds on every second step, and ``easgd_async`` (CUDA
+  weights to and from the RPC parameter holder);
 - ``checkpoint-in-flight``: 2 ranks, LSGD with an overlapped round in flight when the checkpoint is taken, resumed;
 - ``hot-path``: milliseconds per pack/unpack/divergence check for a ResNet50-sized model (25.6 M parameters).
 
@@ -55,7 +56,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "easgd_async": {"tau": 2},
     "downpour": {"tau": 2},
 }
-SHARED_GPU = ("lsgd", "easgd", "dataparallel", "signum")  # collectives only: gloo has them for CUDA tensors
+# Collectives only (gloo has them for CUDA tensors), and easgd_async: its center through the RPC parameter holder,
+# staged through host memory.
+SHARED_GPU = ("lsgd", "easgd", "dataparallel", "signum", "easgd_async")
 
 
 class Classifier(pl.LightningModule):
