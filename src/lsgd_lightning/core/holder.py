@@ -194,6 +194,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def check_no_foreign_agent() -> None:
+    """Raise a RuntimeError if an RPC agent that no :class:`RpcHolder` started runs in this process.
+
+    Checked before the workers meet to start the holder's agent: a worker that cannot start one then fails at the
+    meeting point, where the others see its failure, instead of leaving them in ``init_rpc``'s rendezvous, which
+    waits for every worker with no timeout of ours.
+    """
+    from torch.distributed.rpc import api
+
+    if _agent_owner is None and api._is_current_rpc_agent_set():
+        raise RuntimeError(
+            "weight_transport='rpc': an RPC agent started outside lsgd_lightning already runs in this process "
+            "(torch allows one). Use weight_transport='store', or shut that agent down before fit."
+        )
+
+
 class RpcHolder:
     """The weights in the rank-0 process, moved by ``torch.distributed.rpc`` (``weight_transport="rpc"``).
 
@@ -232,6 +248,7 @@ class RpcHolder:
         self.key, self.rank, self.timeout_s = key, rank, timeout_s
         self._names: set[str] = set()
         self._frozen: dict[str, list[Tensor]] | None = None  # after a graceful close: the last values, here
+        check_no_foreign_agent()
         if _agent_owner is not None:  # a fit that ended without closing its agent (an error on another rank)
             _agent_owner.close(graceful=False)
         with contextlib.suppress(RuntimeError):  # registered by an earlier fit of this process
