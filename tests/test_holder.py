@@ -53,6 +53,12 @@ def test_rpc_options_may_not_set_what_the_holder_sets(key: str) -> None:
         check_rpc_options([("num_worker_threads", 2)])  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("options", [{"num_worker_thread": 2}, {"num_worker_threads": "two"}])
+def test_rpc_options_that_torch_refuses_are_refused_at_once(options: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="are not valid TensorPipeRpcBackendOptions arguments"):
+        check_rpc_options(options)
+
+
 def test_rpc_options_from_a_hydra_config_become_plain_lists_and_dicts() -> None:
     from omegaconf import OmegaConf
     from torch.distributed import rpc

@@ -182,7 +182,17 @@ def check_rpc_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
             "the strategy's `timeout`. Other TensorPipeRpcBackendOptions arguments (num_worker_threads, "
             "device_maps, _transports, _channels) are allowed."
         )
-    return {str(key): _plain(value) for key, value in options.items()}
+    plain = {str(key): _plain(value) for key, value in options.items()}
+    if plain and rpc_available():  # a misspelt or mistyped argument: say so now, not when the agent starts
+        from torch.distributed import rpc
+
+        try:
+            rpc.TensorPipeRpcBackendOptions(**plain)
+        except TypeError as error:
+            raise ValueError(
+                f"rpc_options {plain} are not valid TensorPipeRpcBackendOptions arguments: {error}"
+            ) from error
+    return plain
 
 
 def _plain(value: Any) -> Any:
