@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import math
 import threading
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlparse
@@ -273,7 +274,9 @@ class RpcHolder:
             **{"num_worker_threads": 4, **check_rpc_options(options)},
         )
         try:
-            rpc.init_rpc(_worker(rank), rank=rank, world_size=world_size, rpc_backend_options=backend)
+            with warnings.catch_warnings():  # init_rpc's own use of a gloo group (not the user's to act on)
+                warnings.filterwarnings("ignore", message="You are using a Backend .* as a ProcessGroup")
+                rpc.init_rpc(_worker(rank), rank=rank, world_size=world_size, rpc_backend_options=backend)
         except RuntimeError as error:
             if "already initialized" not in str(error):
                 raise
