@@ -150,3 +150,19 @@ def run_killed(rank: int, world_size: int, out: str) -> None:
     result["seconds"] = time.monotonic() - started
     torch.save(result, Path(out) / f"rank{rank}.pt")
     os._exit(0)  # the process group lost a member: skip its teardown
+
+
+def run_foreign_agent(rank: int, world_size: int, out: str) -> None:
+    """Rank 1 already runs an RPC agent of its own when ``fit`` starts: it must fail with a clear error, and the
+    others must name it instead of waiting in ``init_rpc`` (which has no timeout of ours) for it."""
+    from torch.distributed import rpc
+
+    if rank == 1:
+        options = rpc.TensorPipeRpcBackendOptions(init_method=f"file://{Path(out) / 'own_agent'}")
+        rpc.init_rpc("own-agent", rank=0, world_size=1, rpc_backend_options=options)
+    started = time.monotonic()
+    result = _expect_error(lambda: _fit(rank, world_size, make("easgd_async")))
+    result["seconds"] = time.monotonic() - started
+    if rank == 1:
+        rpc.shutdown()
+    torch.save(result, Path(out) / f"rank{rank}.pt")

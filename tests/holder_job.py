@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from datetime import timedelta
 from typing import Any
 
@@ -24,13 +25,15 @@ def exchange(rank: int, world_size: int, transport: str) -> dict[str, Any]:
     """
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     store = dist.distributed_c10d._get_default_store()
-    holder = (
-        RpcHolder("test/holder", rank, world_size, store, timeout_s=30.0)
-        if transport == "rpc"
-        else StoreHolder(dist.PrefixStore("test/holder/", store))
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        holder = (
+            RpcHolder("test/holder", rank, world_size, store, timeout_s=30.0)
+            if transport == "rpc"
+            else StoreHolder(dist.PrefixStore("test/holder/", store))
+        )
     like = _values(0)
-    seen: dict[str, Any] = {}
+    seen: dict[str, Any] = {"start warnings": [str(w.message) for w in caught]}
     for writer in range(world_size):
         if rank == writer:
             own = _values(writer)

@@ -17,7 +17,14 @@ import torch
 
 from lsgd_lightning import AsyncEASGDStrategy, AsyncLSGDStrategy, DownpourStrategy
 from tests import async_simulation as asim
-from tests.async_scenarios import DOWNPOUR, EASGD_ASYNC, LSGD_ASYNC, run_async_scenarios, run_killed
+from tests.async_scenarios import (
+    DOWNPOUR,
+    EASGD_ASYNC,
+    LSGD_ASYNC,
+    run_async_scenarios,
+    run_foreign_agent,
+    run_killed,
+)
 from tests.multiproc import rank_results, run_workers, scenario_job
 from tests.scenarios import STEPS
 from tests.test_distributed import assert_states_close
@@ -186,6 +193,15 @@ def test_a_worker_that_vanishes_is_named_after_the_timeout(tmp_path: Path) -> No
     assert "took no optimizer step for 4 s" in result["error"]
     assert result["seconds"] < 20  # the 4 s without progress, not the process group's timeout
     assert not (tmp_path / "rank1.pt").exists()
+
+
+def test_a_worker_with_an_rpc_agent_of_its_own_fails_and_is_named_by_the_others(tmp_path: Path) -> None:
+    run_workers(run_foreign_agent, 2, (str(tmp_path),), errdir=tmp_path / "errors", timeout_s=120)
+    own, other = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (1, 0))
+    assert own["error"] is not None and "an RPC agent started outside lsgd_lightning" in own["error"], own
+    assert other["error"] is not None and "rank 1 failed" in other["error"], other
+    assert "an RPC agent started outside lsgd_lightning" in other["error"]
+    assert other["seconds"] < 30  # seen at the meeting point, not waited out in init_rpc (no timeout there)
 
 
 # ----------------------------------------------------------------------------------------------------------------

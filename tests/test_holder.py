@@ -30,6 +30,7 @@ def test_every_rank_reads_exactly_what_the_last_writer_put(tmp_path: Path, trans
         for a, b in zip(got[f"after {writer}"], expected):
             assert torch.equal(a, b), (transport, rank, writer)
         assert "holds" in got["wrong size"] and "expected" in got["wrong size"]
+        assert got["start warnings"] == [], got["start warnings"]  # e.g. torch's about init_rpc's gloo group
         # after the close every rank still reads the last values put (rank 2's), unchanged by the zero_() above
         for a, b in zip(got["after close"], _values(last_writer)):
             assert torch.equal(a, b), (transport, rank)
@@ -51,6 +52,12 @@ def test_rpc_options_may_not_set_what_the_holder_sets(key: str) -> None:
     assert check_rpc_options({"num_worker_threads": 2}) == {"num_worker_threads": 2}
     with pytest.raises(TypeError, match="rpc_options must be a mapping"):
         check_rpc_options([("num_worker_threads", 2)])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("options", [{"num_worker_thread": 2}, {"num_worker_threads": "two"}])
+def test_rpc_options_that_torch_refuses_are_refused_at_once(options: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="are not valid TensorPipeRpcBackendOptions arguments"):
+        check_rpc_options(options)
 
 
 def test_rpc_options_from_a_hydra_config_become_plain_lists_and_dicts() -> None:

@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import math
 import threading
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlparse
@@ -182,7 +183,17 @@ def check_rpc_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
             "the strategy's `timeout`. Other TensorPipeRpcBackendOptions arguments (num_worker_threads, "
             "device_maps, _transports, _channels) are allowed."
         )
-    return {str(key): _plain(value) for key, value in options.items()}
+    plain = {str(key): _plain(value) for key, value in options.items()}
+    if plain and rpc_available():  # a misspelt or mistyped argument: say so now, not when the agent starts
+        from torch.distributed import rpc
+
+        try:
+            rpc.TensorPipeRpcBackendOptions(**plain)
+        except TypeError as error:
+            raise ValueError(
+                f"rpc_options {plain} are not valid TensorPipeRpcBackendOptions arguments: {error}"
+            ) from error
+    return plain
 
 
 def _plain(value: Any) -> Any:
@@ -192,6 +203,22 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         return [_plain(item) for item in value]
     return value
+
+
+def check_no_foreign_agent() -> None:
+    """Raise a RuntimeError if an RPC agent that no :class:`RpcHolder` started runs in this process.
+
+    Checked before the workers meet to start the holder's agent: a worker that cannot start one then fails at the
+    meeting point, where the others see its failure, instead of leaving them in ``init_rpc``'s rendezvous, which
+    waits for every worker with no timeout of ours.
+    """
+    from torch.distributed.rpc import api
+
+    if _agent_owner is None and api._is_current_rpc_agent_set():
+        raise RuntimeError(
+            "weight_transport='rpc': an RPC agent started outside lsgd_lightning already runs in this process "
+            "(torch allows one). Use weight_transport='store', or shut that agent down before fit."
+        )
 
 
 class RpcHolder:
@@ -232,6 +259,7 @@ class RpcHolder:
         self.key, self.rank, self.timeout_s = key, rank, timeout_s
         self._names: set[str] = set()
         self._frozen: dict[str, list[Tensor]] | None = None  # after a graceful close: the last values, here
+        check_no_foreign_agent()
         if _agent_owner is not None:  # a fit that ended without closing its agent (an error on another rank)
             _agent_owner.close(graceful=False)
         with contextlib.suppress(RuntimeError):  # registered by an earlier fit of this process
@@ -246,7 +274,9 @@ class RpcHolder:
             **{"num_worker_threads": 4, **check_rpc_options(options)},
         )
         try:
-            rpc.init_rpc(_worker(rank), rank=rank, world_size=world_size, rpc_backend_options=backend)
+            with warnings.catch_warnings():  # init_rpc's own use of a gloo group (not the user's to act on)
+                warnings.filterwarnings("ignore", message="You are using a Backend .* as a ProcessGroup")
+                rpc.init_rpc(_worker(rank), rank=rank, world_size=world_size, rpc_backend_options=backend)
         except RuntimeError as error:
             if "already initialized" not in str(error):
                 raise

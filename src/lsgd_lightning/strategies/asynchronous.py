@@ -43,7 +43,7 @@ from typing_extensions import override
 
 from ..core.board import StoreBoard
 from ..core.flat import to_master
-from ..core.holder import WEIGHT_TRANSPORTS, RpcHolder, check_rpc_options, require_rpc
+from ..core.holder import WEIGHT_TRANSPORTS, RpcHolder, check_no_foreign_agent, check_rpc_options, require_rpc
 from .checks import check_choice
 from .meetings import MeetingPoints
 from .periodic import PeriodicStrategy
@@ -133,6 +133,9 @@ class AsynchronousStrategy(MeetingPoints, PeriodicStrategy):
         if self.weight_transport == "rpc" and self._uses_holder():
             # A rendezvous of every worker; weights then go to and from rank 0 by RPC, the rest stays on the store.
             assert self._health is not None
+            check_no_foreign_agent()
+            # init_rpc waits for every worker without a timeout: meet first, where a worker that failed is named.
+            board.rendezvous("the start of the parameter holder's RPC agent")
             key = f"{self._health.prefix}/holder"  # unique to this fit
             board.holder = RpcHolder(
                 key, self.global_rank, self.world_size, board.store, self._timeout_s(), self.rpc_options
