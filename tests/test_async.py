@@ -225,6 +225,10 @@ def test_a_worker_with_an_rpc_agent_of_its_own_fails_and_is_named_by_the_others(
         (lambda: DownpourStrategy(push_scale="1/2"), "push_scale must be a number in (0, 1] or '1/P'"),
         (lambda: AsyncEASGDStrategy(momentum_rule="sgd"), "momentum_rule must be 'optimizer' or 'eamsgd'"),
         (lambda: DownpourStrategy(weight_transport="tcp"), "weight_transport must be 'rpc' or 'store'"),
+        (
+            lambda: DownpourStrategy(weight_transport="store", rpc_options={"num_worker_threads": 2}),
+            "rpc_options apply to weight_transport='rpc' only",
+        ),
         (lambda: AsyncEASGDStrategy(rpc_options={"rpc_timeout": 5}), "rpc_options may not set ['rpc_timeout']"),
     ],
 )

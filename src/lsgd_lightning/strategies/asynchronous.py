@@ -64,7 +64,8 @@ class AsynchronousStrategy(MeetingPoints, PeriodicStrategy):
         **kwargs: passed on to the algorithm's base.
 
     Raises:
-        ValueError: an unknown ``weight_transport``, or ``rpc_options`` setting ``init_method``/``rpc_timeout``.
+        ValueError: an unknown ``weight_transport``; ``rpc_options`` setting ``init_method``/``rpc_timeout``, not
+            accepted by ``TensorPipeRpcBackendOptions``, or given with ``weight_transport="store"``.
         RuntimeError: ``"rpc"`` where this torch build has no ``torch.distributed.rpc``.
     """
 
@@ -74,6 +75,10 @@ class AsynchronousStrategy(MeetingPoints, PeriodicStrategy):
         check_choice("weight_transport", weight_transport, WEIGHT_TRANSPORTS)
         if weight_transport == "rpc":
             require_rpc()
+        elif rpc_options:
+            raise ValueError(
+                "rpc_options apply to weight_transport='rpc' only; drop them, or use weight_transport='rpc'."
+            )
         self.rpc_options = check_rpc_options(rpc_options)
         self.weight_transport = weight_transport
         super().__init__(*args, **kwargs)
