@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .collectives import CommMeter
+from .collectives import CommMeter, payload_bytes
 from .health import HealthBoard
 from .holder import StoreHolder, WeightHolder
 
@@ -116,13 +116,13 @@ class StoreBoard:
         """Hold ``flats`` under ``name`` (call under the lock so readers never see a half-written version)."""
         with self.meter.timed(self.device), self._naming_failures(f"writing {name!r}"):
             self.holder.put(name, flats)
-        self.meter.count(sum(flat.numel() * flat.element_size() for flat in flats))
+        self.meter.count(sum(payload_bytes(flat) for flat in flats))
 
     def get(self, name: str, like: Sequence[Tensor]) -> list[Tensor]:
         """Read the tensors held under ``name``; ``like`` gives their sizes, dtypes and device."""
         with self.meter.timed(self.device), self._naming_failures(f"reading {name!r}"):
             out = self.holder.get(name, like)
-        self.meter.count(sum(flat.numel() * flat.element_size() for flat in like))
+        self.meter.count(sum(payload_bytes(flat) for flat in like))
         return out
 
     @contextmanager

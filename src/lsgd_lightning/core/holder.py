@@ -35,10 +35,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .collectives import payload_bytes
+
 PIECE_BYTES = 4 << 20  # below the libuv TCPStore's 8 MiB limit per message
 WEIGHT_TRANSPORTS = ("rpc", "store")
 # RPC settings the holder decides itself (the rendezvous and the default timeout must match the job's store).
 _OWN_RPC_OPTIONS = ("init_method", "rpc_timeout")
+_FOREIGN_AGENT = (
+    "weight_transport='rpc': an RPC agent started outside lsgd_lightning already runs in this process (torch allows "
+    "one). Use weight_transport='store', or shut that agent down before fit."
+)
 
 
 class WeightHolder(Protocol):
@@ -66,7 +72,7 @@ def _to_send(flat: Tensor) -> Tensor:
     flat = flat.detach().reshape(-1)
     if flat.device.type != "cpu":
         return flat.cpu()
-    compact = flat.storage_offset() == 0 and flat.untyped_storage().nbytes() == flat.numel() * flat.element_size()
+    compact = flat.storage_offset() == 0 and flat.untyped_storage().nbytes() == payload_bytes(flat)
     return flat if compact else flat.clone()
 
 
@@ -94,14 +100,14 @@ class StoreHolder:
 
     def put(self, name: str, flats: Sequence[Tensor]) -> None:
         for index, flat in enumerate(flats):
-            data = host_copy(flat).view(torch.uint8).numpy().tobytes()
+            data = _to_send(flat).view(torch.uint8).numpy().tobytes()  # tobytes copies
             for piece, start in enumerate(range(0, len(data), PIECE_BYTES)):
                 self.store.set(f"t/{name}/{index}/{piece}", data[start : start + PIECE_BYTES])
 
     def get(self, name: str, like: Sequence[Tensor]) -> list[Tensor]:
         out = []
         for index, reference in enumerate(like):
-            nbytes = reference.numel() * reference.element_size()
+            nbytes = payload_bytes(reference)
             pieces = [self.store.get(f"t/{name}/{index}/{p}") for p in range(math.ceil(nbytes / PIECE_BYTES))]
             data = b"".join(pieces)
             if len(data) != nbytes:
@@ -215,10 +221,7 @@ def check_no_foreign_agent() -> None:
     from torch.distributed.rpc import api
 
     if _agent_owner is None and api._is_current_rpc_agent_set():
-        raise RuntimeError(
-            "weight_transport='rpc': an RPC agent started outside lsgd_lightning already runs in this process "
-            "(torch allows one). Use weight_transport='store', or shut that agent down before fit."
-        )
+        raise RuntimeError(_FOREIGN_AGENT)
 
 
 class RpcHolder:
@@ -273,17 +276,10 @@ class RpcHolder:
             rpc_timeout=store.timeout.total_seconds(),
             **{"num_worker_threads": 4, **check_rpc_options(options)},
         )
-        try:
-            with warnings.catch_warnings():  # init_rpc's own use of a gloo group (not the user's to act on)
-                warnings.filterwarnings("ignore", message="You are using a Backend .* as a ProcessGroup")
-                rpc.init_rpc(_worker(rank), rank=rank, world_size=world_size, rpc_backend_options=backend)
-        except RuntimeError as error:
-            if "already initialized" not in str(error):
-                raise
-            raise RuntimeError(
-                "weight_transport='rpc': an RPC agent started outside lsgd_lightning already runs in this process "
-                "(torch allows one). Use weight_transport='store', or shut that agent down before fit."
-            ) from error
+        # No agent runs here now (checked above, our own closed), so init_rpc cannot find one already initialized.
+        with warnings.catch_warnings():  # init_rpc's own use of a gloo group (not the user's to act on)
+            warnings.filterwarnings("ignore", message="You are using a Backend .* as a ProcessGroup")
+            rpc.init_rpc(_worker(rank), rank=rank, world_size=world_size, rpc_backend_options=backend)
         _agent_owner = self
 
     def put(self, name: str, flats: Sequence[Tensor]) -> None:
